@@ -1,0 +1,2 @@
+//! tandem's distributed lock manager.
+#![deny(unsafe_code)]

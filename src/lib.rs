@@ -1,0 +1,7 @@
+//! tandem: highly available block storage in one userspace daemon.
+//!
+//! This library holds the daemon's pieces — replication, cluster membership, frontends and
+//! resources — so that `tandemd`, `tandemctl` and the tests share one implementation.
+#![deny(unsafe_code)]
+
+pub mod fixture;
