@@ -1,0 +1,2 @@
+//! Synchronous block replication between two nodes.
+pub mod types;

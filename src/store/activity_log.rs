@@ -1,0 +1,159 @@
+//! The activity log: the set of "hot" extents that may have writes in flight.
+//!
+//! Before a write touches an extent that is not in the log, the extent is added and the log
+//! is made durable (a transaction); after a crash only the extents in the last durable
+//! transaction can differ from the peer, so only they are resynced instead of the whole
+//! device (DRBD's activity log). The set is bounded; the least recently used idle extent is
+//! evicted to make room. Pure data structure: the caller persists transactions.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// Default bytes per activity-log extent.
+pub const DEFAULT_EXTENT_BYTES: u64 = 4 << 20;
+/// Default number of hot extents.
+pub const DEFAULT_EXTENTS: u32 = 257;
+/// The most extents one on-disk transaction block can list.
+pub const MAX_EXTENTS: u32 = 1000;
+
+/// What touching a range changed: the log must be persisted before the write is issued.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AlChange {
+    pub added: Vec<u32>,
+    pub evicted: Vec<u32>,
+}
+
+/// The in-memory activity log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivityLog {
+    extent_bytes: u64,
+    capacity: usize,
+    /// extent -> writes in flight.
+    active: BTreeMap<u32, u32>,
+    /// Least recently used first.
+    lru: VecDeque<u32>,
+}
+
+impl ActivityLog {
+    /// A log of at most `capacity` extents of `extent_bytes` each.
+    pub fn new(extent_bytes: u64, capacity: u32) -> Self {
+        Self {
+            extent_bytes: extent_bytes.max(4096),
+            capacity: usize::try_from(capacity.clamp(1, MAX_EXTENTS)).expect("fits"),
+            active: BTreeMap::new(),
+            lru: VecDeque::new(),
+        }
+    }
+
+    /// Bytes per extent.
+    pub fn extent_bytes(&self) -> u64 {
+        self.extent_bytes
+    }
+
+    /// The extents a byte range touches.
+    pub fn extents_of(&self, offset: u64, len: u64) -> std::ops::Range<u32> {
+        let first = offset / self.extent_bytes;
+        let end = offset
+            .saturating_add(len.max(1))
+            .div_ceil(self.extent_bytes);
+        let clip = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        clip(first)..clip(end)
+    }
+
+    /// Begins a write on the range: pins its extents; returns the change to persist first
+    /// (`None` when every extent was already in the log).
+    pub fn begin(&mut self, offset: u64, len: u64) -> Option<AlChange> {
+        let mut change = AlChange::default();
+        for extent in self.extents_of(offset, len) {
+            match self.active.get_mut(&extent) {
+                Some(refs) => {
+                    *refs += 1;
+                    self.lru.retain(|&e| e != extent);
+                    self.lru.push_back(extent);
+                }
+                None => {
+                    while self.active.len() >= self.capacity {
+                        let Some(victim) = self.idle_lru() else { break };
+                        self.active.remove(&victim);
+                        self.lru.retain(|&e| e != victim);
+                        change.evicted.push(victim);
+                    }
+                    self.active.insert(extent, 1);
+                    self.lru.push_back(extent);
+                    change.added.push(extent);
+                }
+            }
+        }
+        (!change.added.is_empty()).then_some(change)
+    }
+
+    /// Ends a write on the range (unpins its extents; they stay hot until evicted).
+    pub fn end(&mut self, offset: u64, len: u64) {
+        for extent in self.extents_of(offset, len) {
+            if let Some(refs) = self.active.get_mut(&extent) {
+                *refs = refs.saturating_sub(1);
+            }
+        }
+    }
+
+    fn idle_lru(&self) -> Option<u32> {
+        self.lru
+            .iter()
+            .copied()
+            .find(|e| self.active.get(e).copied().unwrap_or(0) == 0)
+    }
+
+    /// The extents currently in the log (what a transaction records).
+    pub fn extents(&self) -> Vec<u32> {
+        self.active.keys().copied().collect()
+    }
+
+    /// Replaces the log with `extents` (all idle), as loaded from disk.
+    pub fn load(&mut self, extents: &[u32]) {
+        self.active = extents.iter().map(|&e| (e, 0)).collect();
+        self.lru = extents.iter().copied().collect();
+    }
+
+    /// Empties the log (after a clean shutdown or once a resync covered everything).
+    pub fn clear(&mut self) -> bool {
+        let had = !self.active.is_empty();
+        if self.active.values().all(|&r| r == 0) {
+            self.active.clear();
+            self.lru.clear();
+        }
+        had
+    }
+
+    /// Writes in flight.
+    pub fn pinned(&self) -> u32 {
+        self.active.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_adds_and_evicts_idle_extents_only() {
+        let mut al = ActivityLog::new(1 << 20, 2);
+        assert_eq!(
+            al.begin(0, 4096),
+            Some(AlChange {
+                added: vec![0],
+                evicted: vec![]
+            })
+        );
+        assert_eq!(al.begin(100, 4096), None, "extent 0 is already hot");
+        let change = al.begin(1 << 20, 4096).unwrap();
+        assert_eq!(change.added, vec![1]);
+        // extent 0 is pinned twice, extent 1 once: nothing idle, the log grows.
+        let change = al.begin(2 << 20, 4096).unwrap();
+        assert!(change.evicted.is_empty());
+        al.end(0, 4096);
+        al.end(100, 4096);
+        let change = al.begin(3 << 20, 4096).unwrap();
+        assert_eq!(change.evicted, vec![0]);
+        assert_eq!(al.extents(), vec![1, 2, 3]);
+        assert_eq!(al.extents_of((1 << 20) - 1, 2), 0..2);
+    }
+}

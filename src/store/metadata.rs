@@ -1,0 +1,835 @@
+//! On-disk metadata of a replicated volume: superblock, activity log, dirty bitmap.
+//!
+//! The metadata region is the last `md_size` bytes of either the backing device itself
+//! (internal: data ends where metadata starts) or of a separate file (external). Every
+//! block is 4 KiB and carries a crc32:
+//!
+//! ```text
+//!  region start                                                        region end
+//!  │ bitmap block 0 … n-1 │ AL slot 0 … s-1 │ superblock A │ superblock B │
+//! ```
+//!
+//! - Superblocks are written alternately with an increasing `seq` and `O_DSYNC`; loading
+//!   picks the valid one with the highest `seq`, so an update is atomic: a torn write
+//!   leaves the previous superblock in force.
+//! - Each activity-log slot is a whole transaction (the complete set of hot extents with a
+//!   `seq`); slots are used round-robin and the newest valid one wins.
+//! - A bitmap block whose crc does not match is loaded as all-dirty (a conservative full
+//!   resync of that part), never as clean.
+
+use super::activity_log::MAX_EXTENTS;
+use super::bitmap::{Bitmap, WORDS_PER_BLOCK};
+use crate::error::{Result, TandemError};
+use crate::replication::types::{Epoch, GenerationIds, NodeId, VolumeId};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Size of every metadata block.
+pub const MD_BLOCK: u64 = 4096;
+const MD_BLOCK_USIZE: usize = 4096;
+/// Superblock magic.
+pub const SB_MAGIC: [u8; 8] = *b"TANDEMMD";
+const AL_MAGIC: u32 = 0x5441_4c31; // "TAL1"
+const BM_MAGIC: u32 = 0x5442_4d31; // "TBM1"
+/// On-disk format version.
+pub const MD_VERSION: u32 = 1;
+/// Default number of activity-log transaction slots.
+pub const DEFAULT_AL_SLOTS: u32 = 8;
+
+/// Persistent flags of the local disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MdFlags {
+    /// The data is consistent (not a partially done resync target).
+    pub consistent: bool,
+    /// The data is known to be older than the peer's (outdated by fencing).
+    pub outdated: bool,
+    /// This node was primary when the metadata was last written.
+    pub was_primary: bool,
+    /// Set while primary, cleared on clean demote/shutdown: a crash leaves it set, so the
+    /// activity log extents must be resynced from this node.
+    pub primary_crashed: bool,
+}
+
+impl MdFlags {
+    fn bits(self) -> u32 {
+        u32::from(self.consistent)
+            | u32::from(self.outdated) << 1
+            | u32::from(self.was_primary) << 2
+            | u32::from(self.primary_crashed) << 3
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        Self {
+            consistent: bits & 1 != 0,
+            outdated: bits & 2 != 0,
+            was_primary: bits & 4 != 0,
+            primary_crashed: bits & 8 != 0,
+        }
+    }
+}
+
+/// The superblock: the volume's identity and replication state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superblock {
+    pub version: u32,
+    pub flags: MdFlags,
+    pub volume_id: VolumeId,
+    pub node_id: NodeId,
+    /// Bytes of volume data (what the frontends export).
+    pub data_size_bytes: u64,
+    /// Bytes of the metadata region (at the end of the metadata device).
+    pub md_size_bytes: u64,
+    pub bitmap_granularity: u32,
+    pub al_extent_bytes: u64,
+    pub al_extents: u32,
+    pub al_slots: u32,
+    pub generations: GenerationIds,
+    pub epoch: Epoch,
+    /// When this node last became primary (ms since the Unix epoch); 0 = never.
+    pub primary_since_ms: u64,
+    /// Update sequence number (the newer superblock copy wins).
+    pub seq: u64,
+}
+
+impl Superblock {
+    fn encode(&self) -> [u8; MD_BLOCK_USIZE] {
+        let mut b = [0u8; MD_BLOCK_USIZE];
+        b[0..8].copy_from_slice(&SB_MAGIC);
+        put32(&mut b, 8, self.version);
+        put32(&mut b, 12, self.flags.bits());
+        b[16..32].copy_from_slice(&self.volume_id.0);
+        put32(&mut b, 32, self.node_id.0);
+        put32(&mut b, 36, self.bitmap_granularity);
+        put64(&mut b, 40, self.data_size_bytes);
+        put64(&mut b, 48, self.md_size_bytes);
+        put64(&mut b, 56, self.generations.current);
+        put64(&mut b, 64, self.generations.bitmap);
+        put64(&mut b, 72, self.generations.history[0]);
+        put64(&mut b, 80, self.generations.history[1]);
+        put64(&mut b, 88, self.epoch.0);
+        put64(&mut b, 96, self.primary_since_ms);
+        put64(&mut b, 104, self.seq);
+        put64(&mut b, 112, self.al_extent_bytes);
+        put32(&mut b, 120, self.al_extents);
+        put32(&mut b, 124, self.al_slots);
+        let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+        put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+        b
+    }
+
+    /// Decodes and validates a superblock block.
+    pub fn decode(b: &[u8]) -> std::result::Result<Self, String> {
+        if b.len() != MD_BLOCK_USIZE {
+            return Err(format!("superblock is {} bytes, expected 4096", b.len()));
+        }
+        if b[0..8] != SB_MAGIC {
+            return Err("no tandem metadata here (wrong magic)".into());
+        }
+        let crc = get32(b, MD_BLOCK_USIZE - 4);
+        if crc != crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]) {
+            return Err("superblock checksum mismatch".into());
+        }
+        let version = get32(b, 8);
+        if version != MD_VERSION {
+            return Err(format!(
+                "metadata version {version} is not supported (expected {MD_VERSION})"
+            ));
+        }
+        let mut volume_id = [0u8; 16];
+        volume_id.copy_from_slice(&b[16..32]);
+        let sb = Self {
+            version,
+            flags: MdFlags::from_bits(get32(b, 12)),
+            volume_id: VolumeId(volume_id),
+            node_id: NodeId(get32(b, 32)),
+            bitmap_granularity: get32(b, 36),
+            data_size_bytes: get64(b, 40),
+            md_size_bytes: get64(b, 48),
+            generations: GenerationIds {
+                current: get64(b, 56),
+                bitmap: get64(b, 64),
+                history: [get64(b, 72), get64(b, 80)],
+            },
+            epoch: Epoch(get64(b, 88)),
+            primary_since_ms: get64(b, 96),
+            seq: get64(b, 104),
+            al_extent_bytes: get64(b, 112),
+            al_extents: get32(b, 120),
+            al_slots: get32(b, 124),
+        };
+        sb.check()?;
+        Ok(sb)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let g = self.bitmap_granularity;
+        if !g.is_power_of_two() || g < 512 {
+            return Err(format!(
+                "bitmap granularity {g} is not a power of two >= 512"
+            ));
+        }
+        if self.al_extents == 0 || self.al_extents > MAX_EXTENTS {
+            return Err(format!(
+                "activity log of {} extents is out of range 1..={MAX_EXTENTS}",
+                self.al_extents
+            ));
+        }
+        if self.al_slots == 0 || self.al_slots > 1024 {
+            return Err(format!(
+                "{} activity-log slots is out of range",
+                self.al_slots
+            ));
+        }
+        if self.al_extent_bytes < MD_BLOCK || !self.al_extent_bytes.is_power_of_two() {
+            return Err(format!(
+                "activity-log extent of {} bytes is not a power of two >= 4096",
+                self.al_extent_bytes
+            ));
+        }
+        if !self.data_size_bytes.is_multiple_of(512) {
+            return Err(format!(
+                "data size {} is not a multiple of 512",
+                self.data_size_bytes
+            ));
+        }
+        let expected = Layout::new(self.data_size_bytes, g, self.al_slots).md_size_bytes;
+        if self.md_size_bytes != expected {
+            return Err(format!(
+                "metadata size {} does not match the layout ({expected})",
+                self.md_size_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn get64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Where each metadata structure lives, relative to the start of the metadata region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    pub md_size_bytes: u64,
+    pub bitmap_blocks: u64,
+    pub al_slots: u32,
+}
+
+impl Layout {
+    /// The layout for `data_size` bytes of data.
+    pub fn new(data_size: u64, granularity: u32, al_slots: u32) -> Self {
+        let bits = data_size.div_ceil(u64::from(granularity.max(1)));
+        let words = bits.div_ceil(64);
+        let per_block = u64::try_from(WORDS_PER_BLOCK).expect("fits");
+        let bitmap_blocks = words.div_ceil(per_block).max(1);
+        Self {
+            md_size_bytes: (bitmap_blocks + u64::from(al_slots) + 2) * MD_BLOCK,
+            bitmap_blocks,
+            al_slots,
+        }
+    }
+
+    fn bitmap_block(&self, i: u64) -> u64 {
+        i * MD_BLOCK
+    }
+    fn al_slot(&self, i: u64) -> u64 {
+        (self.bitmap_blocks + i) * MD_BLOCK
+    }
+    fn superblock(&self, copy: u64) -> u64 {
+        self.md_size_bytes - (2 - copy) * MD_BLOCK
+    }
+}
+
+/// Parameters of `create-md`.
+#[derive(Debug, Clone)]
+pub struct CreateParams {
+    pub volume_id: VolumeId,
+    pub node_id: NodeId,
+    /// Internal: metadata at the end of the backing device; external: a separate file that
+    /// is created or extended to the metadata size.
+    pub internal: bool,
+    /// External metadata: the size of the data device.
+    pub data_size_bytes: Option<u64>,
+    pub bitmap_granularity: u32,
+    pub al_extents: u32,
+    pub al_extent_bytes: u64,
+    pub al_slots: u32,
+}
+
+impl CreateParams {
+    /// Defaults: internal, 4 KiB per bit, 257 extents of 4 MiB, 8 AL slots.
+    pub fn new(volume_id: VolumeId, node_id: NodeId) -> Self {
+        Self {
+            volume_id,
+            node_id,
+            internal: true,
+            data_size_bytes: None,
+            bitmap_granularity: super::bitmap::DEFAULT_GRANULARITY,
+            al_extents: super::activity_log::DEFAULT_EXTENTS,
+            al_extent_bytes: super::activity_log::DEFAULT_EXTENT_BYTES,
+            al_slots: DEFAULT_AL_SLOTS,
+        }
+    }
+}
+
+/// The result of loading the bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct BitmapLoad {
+    /// Blocks whose checksum failed; loaded as all-dirty.
+    pub bad_blocks: Vec<u64>,
+}
+
+/// An open metadata region.
+#[derive(Debug)]
+pub struct MetadataFile {
+    file: std::fs::File,
+    path: PathBuf,
+    region_start: u64,
+    layout: Layout,
+    sb: Superblock,
+    next_sb_copy: u64,
+    al_seq: u64,
+}
+
+impl MetadataFile {
+    fn open_file(path: &Path, create: bool) -> Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .custom_flags(libc::O_DSYNC)
+            .open(path)
+            .map_err(|source| TandemError::ReadMetadata {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    fn device_size(file: &std::fs::File, path: &Path) -> Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+            .map_err(|source| TandemError::ReadMetadata {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// Writes fresh metadata to `path` (the backing device when internal).
+    ///
+    /// The generation ids start at 0 ("no data yet"), the disk is Inconsistent, the bitmap
+    /// clear and the activity log empty.
+    pub fn create(path: &Path, params: &CreateParams) -> Result<Self> {
+        let bad = |reason: String| TandemError::BadMetadata {
+            path: path.to_owned(),
+            reason,
+        };
+        let g = params.bitmap_granularity;
+        if !g.is_power_of_two() || g < 512 {
+            return Err(bad(format!(
+                "bitmap granularity {g} is not a power of two >= 512"
+            )));
+        }
+        let file = Self::open_file(path, !params.internal)?;
+        let (data_size, region_start, layout) = if params.internal {
+            let dev = Self::device_size(&file, path)?;
+            // The bitmap sized for the whole device is an upper bound for the data part.
+            let upper = Layout::new(dev, g, params.al_slots);
+            let data = dev.saturating_sub(upper.md_size_bytes) / MD_BLOCK * MD_BLOCK;
+            if data < 1 << 20 {
+                return Err(bad(format!(
+                    "device of {dev} bytes is too small for data plus {} bytes of metadata",
+                    upper.md_size_bytes
+                )));
+            }
+            let layout = Layout::new(data, g, params.al_slots);
+            (data, dev - layout.md_size_bytes, layout)
+        } else {
+            let data = params
+                .data_size_bytes
+                .ok_or_else(|| bad("external metadata needs the data device's size".into()))?;
+            let layout = Layout::new(data, g, params.al_slots);
+            file.set_len(layout.md_size_bytes)
+                .map_err(|source| TandemError::WriteMetadata {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            (data / 512 * 512, 0, layout)
+        };
+        let sb = Superblock {
+            version: MD_VERSION,
+            flags: MdFlags::default(),
+            volume_id: params.volume_id,
+            node_id: params.node_id,
+            data_size_bytes: data_size,
+            md_size_bytes: layout.md_size_bytes,
+            bitmap_granularity: g,
+            al_extent_bytes: params.al_extent_bytes,
+            al_extents: params.al_extents.clamp(1, MAX_EXTENTS),
+            al_slots: params.al_slots,
+            generations: GenerationIds::default(),
+            epoch: Epoch(0),
+            primary_since_ms: 0,
+            seq: 0,
+        };
+        sb.check().map_err(bad)?;
+        let mut md = Self {
+            file,
+            path: path.to_owned(),
+            region_start,
+            layout,
+            sb: sb.clone(),
+            next_sb_copy: 0,
+            al_seq: 0,
+        };
+        let mut bitmap = Bitmap::new(data_size, g);
+        bitmap.mark_all_blocks_changed();
+        let blocks = bitmap.take_changed_blocks();
+        md.write_bitmap_blocks(&bitmap, &blocks)?;
+        for slot in 0..u64::from(layout.al_slots) {
+            md.write_block(layout.al_slot(slot), &[0u8; MD_BLOCK_USIZE])?;
+        }
+        md.write_al(&[])?;
+        // Both copies, so neither slot holds stale metadata from an earlier create.
+        md.write_superblock(&sb)?;
+        md.write_superblock(&sb)?;
+        Ok(md)
+    }
+
+    /// Opens existing metadata: internal at the end of `path`, or an external file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = Self::open_file(path, false)?;
+        let dev = Self::device_size(&file, path)?;
+        if dev < 2 * MD_BLOCK {
+            return Err(TandemError::BadMetadata {
+                path: path.to_owned(),
+                reason: format!("{dev} bytes is too small to hold metadata"),
+            });
+        }
+        let mut best: Option<(Superblock, u64)> = None;
+        let mut reasons = Vec::new();
+        for copy in 0..2u64 {
+            let mut buf = [0u8; MD_BLOCK_USIZE];
+            let at = dev - (2 - copy) * MD_BLOCK;
+            file.read_exact_at(&mut buf, at)
+                .map_err(|source| TandemError::ReadMetadata {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            match Superblock::decode(&buf) {
+                Ok(sb) => {
+                    if best.as_ref().is_none_or(|(b, _)| sb.seq > b.seq) {
+                        best = Some((sb, copy));
+                    }
+                }
+                Err(reason) => reasons.push(format!("copy {}: {reason}", copy + 1)),
+            }
+        }
+        let Some((sb, copy)) = best else {
+            return Err(TandemError::BadMetadata {
+                path: path.to_owned(),
+                reason: reasons.join("; "),
+            });
+        };
+        if sb.md_size_bytes > dev {
+            return Err(TandemError::BadMetadata {
+                path: path.to_owned(),
+                reason: format!(
+                    "metadata size {} exceeds the device ({dev} bytes)",
+                    sb.md_size_bytes
+                ),
+            });
+        }
+        let region_start = dev - sb.md_size_bytes;
+        let layout = Layout::new(sb.data_size_bytes, sb.bitmap_granularity, sb.al_slots);
+        let mut md = Self {
+            file,
+            path: path.to_owned(),
+            region_start,
+            layout,
+            sb,
+            next_sb_copy: 1 - copy,
+            al_seq: 0,
+        };
+        md.al_seq = md.read_al()?.map_or(0, |(seq, _)| seq);
+        Ok(md)
+    }
+
+    /// Is the metadata region inside the data device (internal)?
+    pub fn is_internal_to(&self, data_size_of_device: u64) -> bool {
+        self.region_start >= self.sb.data_size_bytes && self.region_start < data_size_of_device
+    }
+
+    /// Where the metadata region starts on its device.
+    pub fn region_start(&self) -> u64 {
+        self.region_start
+    }
+
+    /// The superblock in force.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The path of the metadata device.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_block(&self, rel: u64, block: &[u8; MD_BLOCK_USIZE]) -> Result<()> {
+        self.file
+            .write_all_at(block, self.region_start + rel)
+            .map_err(|source| TandemError::WriteMetadata {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn read_block(&self, rel: u64) -> Result<[u8; MD_BLOCK_USIZE]> {
+        let mut buf = [0u8; MD_BLOCK_USIZE];
+        self.file
+            .read_exact_at(&mut buf, self.region_start + rel)
+            .map_err(|source| TandemError::ReadMetadata {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Atomically replaces the superblock (identity and layout fields are kept).
+    pub fn write_superblock(&mut self, sb: &Superblock) -> Result<()> {
+        let mut next = sb.clone();
+        next.version = MD_VERSION;
+        next.volume_id = self.sb.volume_id;
+        next.data_size_bytes = self.sb.data_size_bytes;
+        next.md_size_bytes = self.sb.md_size_bytes;
+        next.bitmap_granularity = self.sb.bitmap_granularity;
+        next.al_slots = self.sb.al_slots;
+        next.seq = self.sb.seq + 1;
+        let block = next.encode();
+        self.write_block(self.layout.superblock(self.next_sb_copy), &block)?;
+        self.next_sb_copy = 1 - self.next_sb_copy;
+        self.sb = next;
+        Ok(())
+    }
+
+    /// Writes one activity-log transaction listing `extents` (the complete hot set).
+    pub fn write_al(&mut self, extents: &[u32]) -> Result<()> {
+        let mut b = [0u8; MD_BLOCK_USIZE];
+        let count = u32::try_from(extents.len())
+            .ok()
+            .filter(|&c| c <= MAX_EXTENTS)
+            .ok_or_else(|| TandemError::BadMetadata {
+                path: self.path.clone(),
+                reason: format!("{} activity-log extents exceed the maximum", extents.len()),
+            })?;
+        let seq = self.al_seq + 1;
+        put32(&mut b, 0, AL_MAGIC);
+        put32(&mut b, 4, count);
+        put64(&mut b, 8, seq);
+        for (i, e) in extents.iter().enumerate() {
+            put32(&mut b, 16 + 4 * i, *e);
+        }
+        let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+        put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+        let slot = seq % u64::from(self.layout.al_slots);
+        self.write_block(self.layout.al_slot(slot), &b)?;
+        self.al_seq = seq;
+        Ok(())
+    }
+
+    /// The newest valid activity-log transaction: its seq and extents.
+    pub fn read_al(&self) -> Result<Option<(u64, Vec<u32>)>> {
+        let mut best: Option<(u64, Vec<u32>)> = None;
+        for slot in 0..u64::from(self.layout.al_slots) {
+            let b = self.read_block(self.layout.al_slot(slot))?;
+            if get32(&b, 0) != AL_MAGIC
+                || get32(&b, MD_BLOCK_USIZE - 4) != crc32fast::hash(&b[..MD_BLOCK_USIZE - 4])
+            {
+                continue;
+            }
+            let count = get32(&b, 4);
+            if count > MAX_EXTENTS {
+                continue;
+            }
+            let seq = get64(&b, 8);
+            if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                let n = usize::try_from(count).expect("fits");
+                let extents = (0..n).map(|i| get32(&b, 16 + 4 * i)).collect();
+                best = Some((seq, extents));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Writes the given on-disk bitmap blocks from `bitmap`.
+    pub fn write_bitmap_blocks(&self, bitmap: &Bitmap, blocks: &[usize]) -> Result<()> {
+        for &block in blocks {
+            let idx = u64::try_from(block).expect("fits");
+            if idx >= self.layout.bitmap_blocks {
+                continue;
+            }
+            let mut b = [0u8; MD_BLOCK_USIZE];
+            put32(&mut b, 0, BM_MAGIC);
+            put32(&mut b, 4, u32::try_from(block).unwrap_or(u32::MAX));
+            for (i, w) in bitmap.block_words(block).iter().enumerate() {
+                put64(&mut b, 16 + 8 * i, *w);
+            }
+            let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+            put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+            self.write_block(self.layout.bitmap_block(idx), &b)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the on-disk bitmap into a new [`Bitmap`]; bad blocks come back all-dirty.
+    pub fn read_bitmap(&self) -> Result<(Bitmap, BitmapLoad)> {
+        let mut bitmap = Bitmap::new(self.sb.data_size_bytes, self.sb.bitmap_granularity);
+        let mut words = Vec::with_capacity(bitmap.words().len());
+        let mut load = BitmapLoad::default();
+        for idx in 0..self.layout.bitmap_blocks {
+            let b = self.read_block(self.layout.bitmap_block(idx))?;
+            let ok = get32(&b, 0) == BM_MAGIC
+                && u64::from(get32(&b, 4)) == idx
+                && get32(&b, MD_BLOCK_USIZE - 4) == crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+            if !ok {
+                load.bad_blocks.push(idx);
+            }
+            for i in 0..WORDS_PER_BLOCK {
+                words.push(if ok { get64(&b, 16 + 8 * i) } else { !0 });
+            }
+        }
+        bitmap.load_words(&words);
+        bitmap.take_changed_blocks();
+        if !load.bad_blocks.is_empty() {
+            // Write the conservative all-dirty blocks back so they verify next time.
+            for b in &load.bad_blocks {
+                let blk = usize::try_from(*b).expect("fits");
+                self.write_bitmap_blocks(&bitmap, &[blk])?;
+            }
+        }
+        Ok((bitmap, load))
+    }
+
+    /// A description of everything on disk, for `tandemctl dump-md`.
+    pub fn dump(&self) -> Result<MetadataDump> {
+        let (bitmap, load) = self.read_bitmap()?;
+        let al = self.read_al()?;
+        Ok(MetadataDump {
+            path: self.path.clone(),
+            region_start: self.region_start,
+            layout: self.layout,
+            superblock: self.sb.clone(),
+            activity_log_seq: al.as_ref().map_or(0, |(s, _)| *s),
+            activity_log_extents: al.map(|(_, e)| e).unwrap_or_default(),
+            bitmap_bits: bitmap.len_bits(),
+            bitmap_set_bits: bitmap.count(),
+            out_of_sync_bytes: bitmap.dirty_bytes().min(self.sb.data_size_bytes),
+            bad_bitmap_blocks: load.bad_blocks,
+        })
+    }
+}
+
+/// What `dump-md` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetadataDump {
+    pub path: PathBuf,
+    pub region_start: u64,
+    pub layout: Layout,
+    pub superblock: Superblock,
+    pub activity_log_seq: u64,
+    pub activity_log_extents: Vec<u32>,
+    pub bitmap_bits: u64,
+    pub bitmap_set_bits: u64,
+    pub out_of_sync_bytes: u64,
+    pub bad_bitmap_blocks: Vec<u64>,
+}
+
+impl std::fmt::Display for MetadataDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sb = &self.superblock;
+        let g = &sb.generations;
+        writeln!(
+            f,
+            "metadata        {} (region at byte {})",
+            self.path.display(),
+            self.region_start
+        )?;
+        writeln!(f, "version         {}", sb.version)?;
+        writeln!(f, "volume id       {}", sb.volume_id)?;
+        writeln!(f, "node id         {}", sb.node_id)?;
+        writeln!(f, "data size       {} bytes", sb.data_size_bytes)?;
+        writeln!(f, "metadata size   {} bytes", sb.md_size_bytes)?;
+        writeln!(
+            f,
+            "generations     current {:016X}  bitmap {:016X}  history {:016X} {:016X}",
+            g.current, g.bitmap, g.history[0], g.history[1]
+        )?;
+        writeln!(f, "epoch           {}", sb.epoch.0)?;
+        writeln!(
+            f,
+            "flags           consistent={} outdated={} was-primary={} primary-crashed={}",
+            sb.flags.consistent, sb.flags.outdated, sb.flags.was_primary, sb.flags.primary_crashed
+        )?;
+        writeln!(
+            f,
+            "bitmap          {} bits of {} bytes, {} set ({} bytes out of sync){}",
+            self.bitmap_bits,
+            sb.bitmap_granularity,
+            self.bitmap_set_bits,
+            self.out_of_sync_bytes,
+            if self.bad_bitmap_blocks.is_empty() {
+                String::new()
+            } else {
+                format!(", bad blocks {:?}", self.bad_bitmap_blocks)
+            }
+        )?;
+        writeln!(
+            f,
+            "activity log    {} of {} extents of {} bytes hot (transaction {})",
+            self.activity_log_extents.len(),
+            sb.al_extents,
+            sb.al_extent_bytes,
+            self.activity_log_seq
+        )?;
+        write!(f, "update seq      {}", sb.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn temp(name: &str, size: u64) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tandem-md-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        path
+    }
+
+    #[test]
+    fn internal_metadata_round_trips_and_updates_atomically() {
+        let path = temp("internal", 64 << 20);
+        let params = CreateParams::new(VolumeId::from_name("v"), NodeId(1));
+        let mut md = MetadataFile::create(&path, &params).unwrap();
+        let data = md.superblock().data_size_bytes;
+        assert!(data < 64 << 20 && data > 60 << 20);
+        assert_eq!(
+            data + md.superblock().md_size_bytes,
+            md.region_start() + md.superblock().md_size_bytes
+        );
+        let mut sb = md.superblock().clone();
+        sb.generations.current = 0xabc;
+        sb.flags.consistent = true;
+        md.write_superblock(&sb).unwrap();
+        md.write_al(&[3, 5, 7]).unwrap();
+        let (mut bitmap, _) = md.read_bitmap().unwrap();
+        bitmap.set_range(10 << 20, 8192);
+        let blocks = bitmap.take_changed_blocks();
+        md.write_bitmap_blocks(&bitmap, &blocks).unwrap();
+        drop(md);
+
+        let md = MetadataFile::open(&path).unwrap();
+        assert_eq!(md.superblock().generations.current, 0xabc);
+        assert!(md.superblock().flags.consistent);
+        assert_eq!(md.read_al().unwrap().unwrap().1, vec![3, 5, 7]);
+        let (bitmap, load) = md.read_bitmap().unwrap();
+        assert!(load.bad_blocks.is_empty());
+        assert_eq!(bitmap.count(), 2);
+        let dump = md.dump().unwrap();
+        assert!(dump.to_string().contains("0000000000000ABC"));
+
+        // A torn write of the newest superblock copy leaves the previous one in force.
+        let newest_copy_at = md.region_start() + md.layout().superblock(1 - md.next_sb_copy);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 100], newest_copy_at + 40).unwrap();
+        let md2 = MetadataFile::open(&path).unwrap();
+        assert_eq!(md2.superblock().seq, md.superblock().seq - 1);
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason_and_bad_bitmap_blocks_load_dirty() {
+        let path = temp("garbage", 8 << 20);
+        let err = MetadataFile::open(&path).unwrap_err().to_string();
+        assert!(err.contains("wrong magic"), "{err}");
+
+        let ext = temp("external.md", 0);
+        let mut params = CreateParams::new(VolumeId::from_name("v"), NodeId(2));
+        params.internal = false;
+        params.data_size_bytes = Some(32 << 20);
+        let md = MetadataFile::create(&ext, &params).unwrap();
+        assert_eq!(md.region_start(), 0);
+        let f = std::fs::OpenOptions::new().write(true).open(&ext).unwrap();
+        f.write_all_at(&[0x55; 64], 100).unwrap();
+        let md = MetadataFile::open(&ext).unwrap();
+        let (bitmap, load) = md.read_bitmap().unwrap();
+        assert_eq!(load.bad_blocks, vec![0]);
+        assert_eq!(
+            bitmap.count(),
+            bitmap.len_bits(),
+            "a bad block loads as all dirty"
+        );
+
+        let too_small = temp("small", 100 << 10);
+        let err = MetadataFile::create(
+            &too_small,
+            &CreateParams::new(VolumeId::default(), NodeId(1)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("too small"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn superblock_codec_round_trips_and_detects_any_flip(
+            current: u64, bitmap: u64, h0: u64, epoch: u64, seq: u64, node: u32, flags in 0u32..16,
+            flip in 0usize..4092,
+        ) {
+            let data = 1u64 << 30;
+            let sb = Superblock {
+                version: MD_VERSION,
+                flags: MdFlags::from_bits(flags),
+                volume_id: VolumeId::from_name("p"),
+                node_id: NodeId(node),
+                data_size_bytes: data,
+                md_size_bytes: Layout::new(data, 4096, 8).md_size_bytes,
+                bitmap_granularity: 4096,
+                al_extent_bytes: 4 << 20,
+                al_extents: 257,
+                al_slots: 8,
+                generations: GenerationIds { current, bitmap, history: [h0, 1] },
+                epoch: Epoch(epoch),
+                primary_since_ms: 5,
+                seq,
+            };
+            let mut block = sb.encode();
+            prop_assert_eq!(Superblock::decode(&block).unwrap(), sb);
+            block[flip] ^= 1;
+            prop_assert!(Superblock::decode(&block).is_err());
+        }
+    }
+}
