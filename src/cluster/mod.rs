@@ -1,0 +1,18 @@
+//! The cluster: configuration, membership and quorum, failover orchestration.
+//!
+//! ```text
+//!   peers ──(authenticated transport)──► heartbeats ──► failure detector (pure)
+//!                                        raft RPCs  ──► openraft: the cluster log
+//!   cluster log (replicated ClusterState) ──► orchestrator (pure): fence, promote, outdate
+//!   this node's view of the log ──► volumes (replication), resources, DLM membership
+//! ```
+
+pub mod config;
+pub mod detector;
+pub mod orchestrator;
+pub mod state;
+pub mod transport;
+pub mod types;
+
+pub use config::{Config, ConfigError};
+pub use types::{Epoch, Incarnation, Millis, NodeId};

@@ -1,0 +1,664 @@
+//! Failover orchestration as pure decisions.
+//!
+//! Two functions, both `view in, decisions out`, called on every tick by the node's shell:
+//!
+//! ```text
+//!  leader_decisions(LeaderView)  — only on the cluster-log leader:
+//!      silent member      ──► MarkDown            (epoch bump; a lost primary → pending fence)
+//!      volume w/o primary ──► Promote best replica (UpToDate, alive, not Outdated)
+//!  local_actions(LocalView)      — on every node, for itself:
+//!      no record of my life          ──► Join
+//!      I execute a pending fence     ──► Fence (PR preempt or epoch) then Propose(Fenced)
+//!      log says I am primary         ──► PromoteReplica, then StartResources
+//!      log says I am not / switchover──► StopResources, DemoteReplica, Propose(Demote)
+//!      primary without quorum        ──► Suspend (stop acknowledging writes)
+//!      my peer finished resync       ──► Propose(UpToDate)
+//! ```
+//!
+//! The log's conditional commands make stale decisions harmless: a decision based on an
+//! old view is rejected when applied.
+
+use super::state::{ClusterState, Command};
+use super::types::{Epoch, Incarnation, Millis, NodeId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Disk state of a replica, as its node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    #[default]
+    Diskless,
+    /// Being written by a resync; not usable as a source.
+    Inconsistent,
+    /// Consistent but known to miss writes.
+    Outdated,
+    /// Consistent; may be newest (not yet confirmed by a peer).
+    Consistent,
+    UpToDate,
+    /// The backing device failed and was detached.
+    Failed,
+}
+
+/// Role of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaRole {
+    #[default]
+    Secondary,
+    Primary,
+}
+
+/// One replica's state, reported in heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicaReport {
+    pub disk: DiskState,
+    pub role: ReplicaRole,
+    /// Connected to its peer replica.
+    pub connected: bool,
+    /// Still resyncing (as source or target).
+    pub syncing: bool,
+    /// I/O suspended (no quorum, or waiting for the cluster log).
+    pub suspended: bool,
+    /// The volume epoch the replica runs at.
+    pub epoch: Epoch,
+    /// Bytes known out of sync with the peer.
+    pub out_of_sync_bytes: u64,
+    /// Resources on top are running.
+    pub resources_running: bool,
+}
+
+/// What a node reports about itself in each heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeReport {
+    pub incarnation: Incarnation,
+    pub quorate: bool,
+    pub volumes: BTreeMap<String, ReplicaReport>,
+}
+
+/// What the leader sees.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderView<'a> {
+    pub now: Millis,
+    pub state: &'a ClusterState,
+    /// Peers heard within the failure timeout, the leader itself included.
+    pub alive: &'a BTreeSet<NodeId>,
+    /// Peers silent for the failure timeout.
+    pub dead: &'a BTreeSet<NodeId>,
+    /// Latest report of each node (the leader's own included).
+    pub reports: &'a BTreeMap<NodeId, NodeReport>,
+}
+
+/// Commands the leader proposes now.
+pub fn leader_decisions(view: LeaderView<'_>) -> Vec<Command> {
+    let mut out = Vec::new();
+    let state = view.state;
+    for (node, member) in &state.members {
+        if member.up && view.dead.contains(node) {
+            out.push(Command::MarkDown {
+                node: *node,
+                incarnation: member.incarnation,
+            });
+        }
+    }
+    if !out.is_empty() {
+        // Membership first; promotions are decided on the next tick from the new state.
+        return out;
+    }
+    for (name, volume) in &state.volumes {
+        if volume.primary.is_some() || volume.pending_fence.is_some() {
+            continue;
+        }
+        if let Some(node) = choose_primary(view, name) {
+            out.push(Command::Promote {
+                volume: name.clone(),
+                node,
+                expect: volume.epoch,
+            });
+        }
+    }
+    out
+}
+
+/// The replica to promote: UpToDate (or Consistent and never contradicted), up in the log,
+/// alive now, not Outdated, reporting at the current incarnation. Preference: a requested
+/// switchover target, then the last primary, then configuration order.
+fn choose_primary(view: LeaderView<'_>, name: &str) -> Option<NodeId> {
+    let state = view.state;
+    let volume = state.volumes.get(name)?;
+    let eligible = |node: &NodeId| {
+        let member = state.members.get(node);
+        let report = view.reports.get(node);
+        let replica = report.and_then(|r| r.volumes.get(name));
+        member.is_some_and(|m| m.up)
+            && view.alive.contains(node)
+            && !volume.outdated.contains(node)
+            && report.is_some_and(|r| Some(r.incarnation) == member.map(|m| m.incarnation))
+            && replica.is_some_and(|r| {
+                matches!(r.disk, DiskState::UpToDate | DiskState::Consistent) && !r.syncing
+            })
+    };
+    let preferred = [volume.switchover_to, volume.last_primary];
+    preferred
+        .into_iter()
+        .flatten()
+        .chain(volume.replicas.iter().copied())
+        .find(|n| eligible(n))
+}
+
+/// What one node sees about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalView<'a> {
+    pub me: NodeId,
+    pub incarnation: Incarnation,
+    pub now: Millis,
+    pub quorate: bool,
+    pub state: &'a ClusterState,
+    /// This node's replicas.
+    pub replicas: &'a BTreeMap<String, ReplicaReport>,
+    /// Latest reports of the other nodes.
+    pub reports: &'a BTreeMap<NodeId, NodeReport>,
+    /// Volumes with shared devices fenced by reservations.
+    pub shared: &'a BTreeSet<String>,
+    /// Fencings this node is carrying out now (not to be started twice).
+    pub fencing: &'a BTreeSet<String>,
+}
+
+/// Something a node does to itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum LocalAction {
+    /// Propose a command to the cluster log.
+    Propose {
+        command: Command,
+    },
+    /// Make the local replica primary at `epoch` (the peer refuses older epochs).
+    PromoteReplica {
+        volume: String,
+        epoch: Epoch,
+    },
+    /// Make the local replica secondary (after flushing).
+    DemoteReplica {
+        volume: String,
+    },
+    /// Tell the local replica the volume epoch changed (it refuses an old primary).
+    SetEpoch {
+        volume: String,
+        epoch: Epoch,
+    },
+    /// Stop acknowledging writes: no quorum.
+    Suspend {
+        volume: String,
+    },
+    /// Acknowledge writes again.
+    Resume {
+        volume: String,
+    },
+    StartResources {
+        volume: String,
+    },
+    StopResources {
+        volume: String,
+    },
+    /// Fence `victim`'s lost life on `volume` (preempt its reservation key when the volume
+    /// has shared devices), then propose `Fenced`.
+    Fence {
+        volume: String,
+        victim: NodeId,
+        victim_incarnation: Incarnation,
+        reservation: bool,
+    },
+}
+
+/// What this node does now.
+pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
+    let state = view.state;
+    let me = view.me;
+    let mut out = Vec::new();
+    let registered = state
+        .members
+        .get(&me)
+        .is_some_and(|m| m.up && m.incarnation == view.incarnation);
+    if !registered {
+        if state.members.contains_key(&me) && view.quorate {
+            out.push(LocalAction::Propose {
+                command: Command::Join {
+                    node: me,
+                    incarnation: view.incarnation,
+                },
+            });
+        }
+        // Until this life is in the log, nothing local may be primary.
+        for (name, replica) in view.replicas {
+            if replica.resources_running {
+                out.push(LocalAction::StopResources {
+                    volume: name.clone(),
+                });
+            }
+            if replica.role == ReplicaRole::Primary {
+                out.push(LocalAction::DemoteReplica {
+                    volume: name.clone(),
+                });
+            }
+        }
+        return out;
+    }
+    for (name, volume) in &state.volumes {
+        let Some(replica) = view.replicas.get(name) else {
+            continue;
+        };
+        if replica.epoch != volume.epoch {
+            out.push(LocalAction::SetEpoch {
+                volume: name.clone(),
+                epoch: volume.epoch,
+            });
+        }
+        if state.fence_executor(name) == Some(me)
+            && !view.fencing.contains(name)
+            && let Some(pending) = &volume.pending_fence
+        {
+            out.push(LocalAction::Fence {
+                volume: name.clone(),
+                victim: pending.victim,
+                victim_incarnation: pending.victim_incarnation,
+                reservation: view.shared.contains(name),
+            });
+        }
+        let i_am_primary = volume.primary == Some(me);
+        let switching_away = i_am_primary && volume.switchover_to.is_some_and(|t| t != me);
+        if i_am_primary && !switching_away {
+            if replica.role == ReplicaRole::Secondary {
+                out.push(LocalAction::PromoteReplica {
+                    volume: name.clone(),
+                    epoch: volume.epoch,
+                });
+            } else if !view.quorate {
+                if !replica.suspended {
+                    out.push(LocalAction::Suspend {
+                        volume: name.clone(),
+                    });
+                }
+            } else {
+                if replica.suspended {
+                    out.push(LocalAction::Resume {
+                        volume: name.clone(),
+                    });
+                }
+                if !replica.resources_running {
+                    out.push(LocalAction::StartResources {
+                        volume: name.clone(),
+                    });
+                }
+                for peer in volume.replicas.iter().filter(|p| **p != me) {
+                    let peer_replica = view.reports.get(peer).and_then(|r| r.volumes.get(name));
+                    if volume.outdated.contains(peer)
+                        && replica.connected
+                        && peer_replica.is_some_and(|p| {
+                            p.disk == DiskState::UpToDate
+                                && p.connected
+                                && !p.syncing
+                                && p.epoch == volume.epoch
+                        })
+                    {
+                        out.push(LocalAction::Propose {
+                            command: Command::UpToDate {
+                                volume: name.clone(),
+                                node: *peer,
+                                by: me,
+                                expect: volume.epoch,
+                            },
+                        });
+                    }
+                }
+            }
+        } else {
+            if replica.resources_running {
+                out.push(LocalAction::StopResources {
+                    volume: name.clone(),
+                });
+            }
+            if replica.role == ReplicaRole::Primary {
+                out.push(LocalAction::DemoteReplica {
+                    volume: name.clone(),
+                });
+            } else if switching_away && !replica.resources_running {
+                out.push(LocalAction::Propose {
+                    command: Command::Demote {
+                        volume: name.clone(),
+                        node: me,
+                        expect: volume.epoch,
+                    },
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::state::{FenceLogEntry, FenceMethod};
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+    const W: NodeId = NodeId(3);
+    const INC: Incarnation = Incarnation(1);
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Configure {
+            members: vec![A, B, W],
+            volumes: BTreeMap::from([("vol0".to_owned(), vec![A, B])]),
+        });
+        for n in [A, B, W] {
+            s.apply(&Command::Join {
+                node: n,
+                incarnation: INC,
+            });
+        }
+        s
+    }
+
+    fn report(disk: DiskState, role: ReplicaRole, epoch: Epoch) -> NodeReport {
+        NodeReport {
+            incarnation: INC,
+            quorate: true,
+            volumes: BTreeMap::from([(
+                "vol0".to_owned(),
+                ReplicaReport {
+                    disk,
+                    role,
+                    connected: true,
+                    epoch,
+                    ..ReplicaReport::default()
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn leader_promotes_an_up_to_date_replica_in_configuration_order() {
+        let s = state();
+        let e = s.volumes["vol0"].epoch;
+        let reports = BTreeMap::from([
+            (A, report(DiskState::UpToDate, ReplicaRole::Secondary, e)),
+            (B, report(DiskState::UpToDate, ReplicaRole::Secondary, e)),
+        ]);
+        let alive = BTreeSet::from([A, B, W]);
+        let view = LeaderView {
+            now: Millis(0),
+            state: &s,
+            alive: &alive,
+            dead: &BTreeSet::new(),
+            reports: &reports,
+        };
+        assert_eq!(
+            leader_decisions(view),
+            vec![Command::Promote {
+                volume: "vol0".into(),
+                node: A,
+                expect: e
+            }]
+        );
+        // An Inconsistent or unreported replica is never chosen.
+        let reports = BTreeMap::from([(
+            A,
+            report(DiskState::Inconsistent, ReplicaRole::Secondary, e),
+        )]);
+        let view = LeaderView {
+            reports: &reports,
+            ..view
+        };
+        assert!(leader_decisions(view).is_empty());
+    }
+
+    fn decide(
+        s: &ClusterState,
+        alive: &BTreeSet<NodeId>,
+        dead: &BTreeSet<NodeId>,
+        reports: &BTreeMap<NodeId, NodeReport>,
+    ) -> Vec<Command> {
+        leader_decisions(LeaderView {
+            now: Millis(0),
+            state: s,
+            alive,
+            dead,
+            reports,
+        })
+    }
+
+    #[test]
+    fn dead_primary_is_marked_down_then_fenced_by_the_survivor_then_replaced() {
+        let mut s = state();
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Promote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        let alive = BTreeSet::from([B, W]);
+        let dead = BTreeSet::from([A]);
+        let e1 = s.volumes["vol0"].epoch;
+        let reports =
+            BTreeMap::from([(B, report(DiskState::UpToDate, ReplicaRole::Secondary, e1))]);
+        let decisions = decide(&s, &alive, &dead, &reports);
+        assert_eq!(
+            decisions,
+            vec![Command::MarkDown {
+                node: A,
+                incarnation: INC
+            }]
+        );
+        for d in &decisions {
+            assert!(s.apply(d).is_applied());
+        }
+        // Nobody is promoted while the fencing is pending.
+        assert!(decide(&s, &alive, &dead, &reports).is_empty());
+        // B is the executor and fences.
+        let replicas = report(DiskState::UpToDate, ReplicaRole::Secondary, e1).volumes;
+        let (no_reports, none) = (BTreeMap::new(), BTreeSet::new());
+        let local = LocalView {
+            me: B,
+            incarnation: INC,
+            now: Millis(0),
+            quorate: true,
+            state: &s,
+            replicas: &replicas,
+            reports: &no_reports,
+            shared: &none,
+            fencing: &none,
+        };
+        let actions = local_actions(local);
+        assert!(
+            actions.contains(&LocalAction::Fence {
+                volume: "vol0".into(),
+                victim: A,
+                victim_incarnation: INC,
+                reservation: false
+            }),
+            "{actions:?}"
+        );
+        let e2 = s.volumes["vol0"].epoch;
+        assert!(
+            actions.contains(&LocalAction::SetEpoch {
+                volume: "vol0".into(),
+                epoch: e2
+            }),
+            "{actions:?}"
+        );
+        s.apply(&Command::Fenced {
+            entry: FenceLogEntry {
+                volume: "vol0".into(),
+                victim: A,
+                victim_incarnation: INC,
+                by: B,
+                method: FenceMethod::Epoch,
+                at: Millis(1),
+                volume_epoch: e2,
+            },
+        });
+        assert_eq!(
+            decide(&s, &alive, &dead, &reports),
+            vec![Command::Promote {
+                volume: "vol0".into(),
+                node: B,
+                expect: e2
+            }]
+        );
+    }
+
+    #[test]
+    fn primary_without_quorum_suspends_and_a_deposed_primary_demotes() {
+        let mut s = state();
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Promote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        let e = s.volumes["vol0"].epoch;
+        let mut mine = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
+        mine.get_mut("vol0").unwrap().resources_running = true;
+        let (no_reports, none) = (BTreeMap::new(), BTreeSet::new());
+        let local = |s: &ClusterState, quorate| {
+            local_actions(LocalView {
+                me: A,
+                incarnation: INC,
+                now: Millis(0),
+                quorate,
+                state: s,
+                replicas: &mine,
+                reports: &no_reports,
+                shared: &none,
+                fencing: &none,
+            })
+        };
+        assert_eq!(
+            local(&s, false),
+            vec![LocalAction::Suspend {
+                volume: "vol0".into()
+            }]
+        );
+        // The majority replaced A meanwhile.
+        s.apply(&Command::MarkDown {
+            node: A,
+            incarnation: INC,
+        });
+        let actions = local(&s, true);
+        // A's old life is not in the log any more: stop, demote, rejoin.
+        assert_eq!(
+            actions,
+            vec![
+                LocalAction::Propose {
+                    command: Command::Join {
+                        node: A,
+                        incarnation: INC
+                    }
+                },
+                LocalAction::StopResources {
+                    volume: "vol0".into()
+                },
+                LocalAction::DemoteReplica {
+                    volume: "vol0".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn switchover_stops_demotes_then_proposes_demote() {
+        let mut s = state();
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Promote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        s.apply(&Command::RequestSwitchover {
+            volume: "vol0".into(),
+            to: Some(B),
+        });
+        let e = s.volumes["vol0"].epoch;
+        let mut mine = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
+        mine.get_mut("vol0").unwrap().resources_running = true;
+        let (no_reports, none) = (BTreeMap::new(), BTreeSet::new());
+        let view = |replicas| LocalView {
+            me: A,
+            incarnation: INC,
+            now: Millis(0),
+            quorate: true,
+            state: &s,
+            replicas,
+            reports: &no_reports,
+            shared: &none,
+            fencing: &none,
+        };
+        assert_eq!(
+            local_actions(view(&mine)),
+            vec![
+                LocalAction::StopResources {
+                    volume: "vol0".into()
+                },
+                LocalAction::DemoteReplica {
+                    volume: "vol0".into()
+                }
+            ]
+        );
+        let done = report(DiskState::UpToDate, ReplicaRole::Secondary, e).volumes;
+        assert_eq!(
+            local_actions(view(&done)),
+            vec![LocalAction::Propose {
+                command: Command::Demote {
+                    volume: "vol0".into(),
+                    node: A,
+                    expect: e
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn primary_clears_outdated_peer_once_resynced() {
+        let mut s = state();
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Promote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Outdate {
+            volume: "vol0".into(),
+            victim: B,
+            by: A,
+            expect: e,
+        });
+        let mut mine = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
+        mine.get_mut("vol0").unwrap().resources_running = true;
+        let reports = BTreeMap::from([(B, report(DiskState::UpToDate, ReplicaRole::Secondary, e))]);
+        let none = BTreeSet::new();
+        let local = LocalView {
+            me: A,
+            incarnation: INC,
+            now: Millis(0),
+            quorate: true,
+            state: &s,
+            replicas: &mine,
+            reports: &reports,
+            shared: &none,
+            fencing: &none,
+        };
+        assert_eq!(
+            local_actions(local),
+            vec![LocalAction::Propose {
+                command: Command::UpToDate {
+                    volume: "vol0".into(),
+                    node: B,
+                    by: A,
+                    expect: e
+                }
+            }]
+        );
+    }
+}
