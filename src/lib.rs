@@ -4,6 +4,7 @@
 //! resources — so that `tandemd`, `tandemctl` and the tests share one implementation.
 #![deny(unsafe_code)]
 
+pub mod cluster;
 pub mod error;
 pub mod fixture;
 pub mod replication;
