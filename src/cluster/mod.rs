@@ -10,6 +10,8 @@
 pub mod config;
 pub mod detector;
 pub mod orchestrator;
+pub mod peers;
+pub mod raft;
 pub mod state;
 pub mod transport;
 pub mod types;
