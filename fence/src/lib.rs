@@ -1,2 +1,21 @@
-//! SCSI-3 and NVMe persistent reservations and the fencing policy built on them.
+//! SCSI-3 (SPC-4) and NVMe persistent reservations, and the fencing policy tandem builds on
+//! them.
+//!
+//! ```text
+//!  policy      FencePolicy: unfence / fence / verify, SelfCheck      (pure decisions, time passed in)
+//!     │ PrTransport (sync: SG_IO blocks, so callers use a blocking thread)
+//!  transport   SgDevice (SG_IO)  BlockPr (IOC_PR_* + SG_IO reads)  NvmeDevice  Multipath  EmulatedPath
+//!     │
+//!  sys         the only unsafe code: sg_io_hdr, linux/pr.h, nvme_passthru_cmd ioctls
+//!  pr          bytes: CDBs, parameter lists, PR IN data, sense, TransportIDs, NVMe structures
+//!  emulator    an in-memory SPC-4 device server (LIO's behaviour) for tests and simulation
+//! ```
 #![deny(unsafe_code)]
+
+pub mod emulator;
+mod error;
+mod key;
+pub mod pr;
+
+pub use error::{ErrorKind, FenceError, Operation, Result};
+pub use key::{KeyParts, ParseKeyError, PrKey};
