@@ -8,13 +8,19 @@
 //! ```
 
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod detector;
+pub mod metrics;
+pub mod node;
 pub mod orchestrator;
 pub mod peers;
 pub mod raft;
 pub mod state;
+pub mod status;
 pub mod transport;
 pub mod types;
+pub mod volume;
 
 pub use config::{Config, ConfigError};
 pub use types::{Epoch, Incarnation, Millis, NodeId};

@@ -66,6 +66,36 @@ pub struct ReplicaReport {
     pub out_of_sync_bytes: u64,
     /// Resources on top are running.
     pub resources_running: bool,
+    /// Progress of a running resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncProgress>,
+}
+
+/// How far a resync has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SyncProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub rate_bytes_per_sec: u64,
+}
+
+impl SyncProgress {
+    /// Percent done.
+    pub fn percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            100.0
+        } else {
+            // Display only: precision loss on huge values is irrelevant.
+            #[allow(clippy::cast_precision_loss)]
+            let p = self.done_bytes as f64 * 100.0 / self.total_bytes as f64;
+            p
+        }
+    }
+    /// Seconds to go at the current rate.
+    pub fn eta_secs(&self) -> Option<u64> {
+        (self.rate_bytes_per_sec > 0)
+            .then(|| self.total_bytes.saturating_sub(self.done_bytes) / self.rate_bytes_per_sec)
+    }
 }
 
 /// What a node reports about itself in each heartbeat.

@@ -30,9 +30,11 @@ pub struct Heartbeat {
     pub report: NodeReport,
 }
 
-/// Everything sent on a membership connection.
+/// Everything sent on a membership connection. Externally tagged on purpose: serde's
+/// internally tagged enums buffer their content and then cannot read openraft's maps with
+/// integer keys back from JSON.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub enum PeerMessage {
     Heartbeat(Heartbeat),
     Request { id: u64, rpc: RaftRpc },
@@ -101,6 +103,7 @@ struct Link {
 pub struct Peers {
     links: BTreeMap<NodeId, Link>,
     next_id: AtomicU64,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Peers {
@@ -111,6 +114,7 @@ impl Peers {
         bind: Option<std::net::IpAddr>,
     ) -> Arc<Self> {
         let mut links = BTreeMap::new();
+        let (stop, _) = tokio::sync::watch::channel(false);
         for (&node, &address) in peers {
             if node == creds.node {
                 continue;
@@ -118,7 +122,8 @@ impl Peers {
             let (tx, rx) = mpsc::channel(256);
             let pending: Pending = Arc::default();
             let connected = Arc::new(AtomicBool::new(false));
-            tokio::spawn(run_link(
+            let mut stopped = stop.subscribe();
+            let task = run_link(
                 creds.clone(),
                 node,
                 address,
@@ -126,7 +131,13 @@ impl Peers {
                 rx,
                 Arc::clone(&pending),
                 Arc::clone(&connected),
-            ));
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = task => {}
+                    _ = stopped.changed() => {}
+                }
+            });
             links.insert(
                 node,
                 Link {
@@ -139,7 +150,16 @@ impl Peers {
         Arc::new(Self {
             links,
             next_id: AtomicU64::new(1),
+            stop,
         })
+    }
+
+    /// Closes every outbound connection for good.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+        for link in self.links.values() {
+            link.connected.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Whether the outbound connection to `node` is up.
@@ -322,9 +342,14 @@ pub trait Inbound: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = RaftReply> + Send;
 }
 
-/// Serves one authenticated inbound membership connection from `from` until it closes.
-pub async fn serve_inbound<S, H>(stream: S, from: NodeId, handler: Arc<H>)
-where
+/// Serves one authenticated inbound membership connection from `from` until it closes
+/// or `stop` turns true.
+pub async fn serve_inbound<S, H>(
+    stream: S,
+    from: NodeId,
+    handler: Arc<H>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
     H: Inbound,
 {
@@ -338,7 +363,11 @@ where
         }
     });
     loop {
-        match read_frame(&mut reader).await {
+        let frame = tokio::select! {
+            f = read_frame(&mut reader) => f,
+            _ = stop.changed() => break,
+        };
+        match frame {
             Ok(PeerMessage::Heartbeat(hb)) => {
                 if hb.from != from {
                     tracing::warn!(peer = %from, claimed = %hb.from, "heartbeat under another node's name; closing");

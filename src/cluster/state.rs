@@ -231,6 +231,10 @@ impl ClusterState {
         let Some(member) = self.members.get(&node).cloned() else {
             return reject(format!("node {node} is not a member"));
         };
+        if incarnation == member.incarnation && member.up {
+            // Idempotent: a node repeating its join before it saw it applied.
+            return Outcome::Applied;
+        }
         if incarnation <= member.incarnation {
             return reject(format!(
                 "incarnation {incarnation} of node {node} is not newer than {}",

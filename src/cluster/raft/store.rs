@@ -21,7 +21,7 @@ use std::io::{Cursor, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 type NodeIdT = u64;
 type StorageResult<T> = Result<T, StorageError<NodeIdT>>;
@@ -363,6 +363,15 @@ struct MachineInner {
     snapshot: Option<StoredSnapshot>,
     snapshots_built: u64,
     publish: watch::Sender<Arc<ClusterState>>,
+    applied: broadcast::Sender<AppliedEntry>,
+}
+
+/// A command as applied, with its outcome, for the event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub proposal: super::Proposal,
+    pub outcome: Outcome,
 }
 
 /// The state machine: applies committed proposals to [`ClusterState`] and publishes every
@@ -395,6 +404,7 @@ impl StateMachine {
             None => (None, StoredMembership::default(), ClusterState::default()),
         };
         let (publish, receiver) = watch::channel(Arc::new(state.clone()));
+        let (applied, _) = broadcast::channel(1024);
         let machine = Self {
             inner: Arc::new(Mutex::new(MachineInner {
                 dir: dir.map(Path::to_path_buf),
@@ -404,6 +414,7 @@ impl StateMachine {
                 snapshot,
                 snapshots_built: 0,
                 publish,
+                applied,
             })),
         };
         Ok((machine, receiver))
@@ -416,6 +427,11 @@ impl StateMachine {
     /// The current state.
     pub fn state(&self) -> ClusterState {
         self.lock().state.clone()
+    }
+
+    /// Every command applied from now on, with its outcome.
+    pub fn subscribe(&self) -> broadcast::Receiver<AppliedEntry> {
+        self.lock().applied.subscribe()
     }
 }
 
@@ -492,7 +508,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
                 EntryPayload::Blank => Outcome::Applied,
-                EntryPayload::Normal(proposal) => inner.state.apply(&proposal.command),
+                EntryPayload::Normal(proposal) => {
+                    let outcome = inner.state.apply(&proposal.command);
+                    let _ = inner.applied.send(AppliedEntry {
+                        index: entry.log_id.index,
+                        proposal,
+                        outcome: outcome.clone(),
+                    });
+                    outcome
+                }
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Outcome::Applied

@@ -1,5 +1,6 @@
 //! `tandemctl`: control and inspect tandem.
 
+pub mod cluster;
 mod fixture;
 
 use clap::{Parser, Subcommand};
@@ -10,6 +11,8 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub target: cluster::Target,
 }
 
 /// tandemctl's subcommands.
@@ -18,11 +21,56 @@ pub enum Command {
     /// Create, list and destroy PR-capable storage fixtures (LIO, tgtd, nvmet).
     #[command(subcommand)]
     Fixture(fixture::FixtureCommand),
+    /// Nodes, quorum, volumes, roles, connection and disk states, sync progress.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Volumes and where they run.
+    Volumes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live stream of cluster events (like `drbdsetup events2`).
+    Events {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned move of a volume: stop resources, demote, promote, start; no write lost.
+    Switchover {
+        volume: String,
+        /// Target node (default: the other replica).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve a split brain: run on the node whose changes are to be thrown away.
+    Resolve {
+        volume: String,
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Validate a configuration file.
+    CheckConfig {
+        /// The file (default: /etc/tandem/tandem.toml).
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs tandemctl with the given arguments; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let target = cli.target;
     match cli.command {
         Command::Fixture(cmd) => fixture::run(cmd),
+        Command::Status { json } => cluster::status(&target, json),
+        Command::Volumes { json } => cluster::volumes(&target, json),
+        Command::Events { json } => cluster::events(&target, json),
+        Command::Switchover { volume, to, json } => cluster::switchover(&target, &volume, to, json),
+        Command::Resolve {
+            volume,
+            discard_my_data,
+        } => cluster::resolve(&target, &volume, discard_my_data),
+        Command::CheckConfig { file } => cluster::check_config(&file.unwrap_or(target.config)),
     }
 }

@@ -1,0 +1,119 @@
+//! Running a node as a daemon: the node, its control socket, its metrics endpoint,
+//! systemd notification (READY, STATUS, WATCHDOG) and graceful SIGTERM.
+
+use super::config::Config;
+use super::control;
+use super::metrics::{self, LatencyHistogram};
+use super::node::{Fencer, Node, NodeError, NodeOptions};
+use super::volume::VolumeDriver;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Supplies a volume's write-latency histogram to the metrics endpoint.
+pub type LatencySource = Arc<dyn Fn() -> Vec<(String, LatencyHistogram)> + Send + Sync>;
+
+/// What the daemon runs.
+pub struct DaemonOptions {
+    pub config: Config,
+    pub node: String,
+    pub drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
+    pub fencer: Option<Arc<dyn Fencer>>,
+    pub latency: Option<LatencySource>,
+}
+
+impl std::fmt::Debug for DaemonOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonOptions")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    let _ = sd_notify::notify(false, state);
+}
+
+/// Starts the node and serves until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
+    let DaemonOptions {
+        config,
+        node: name,
+        drivers,
+        fencer,
+        latency,
+    } = options;
+    let metrics_address = config.node_by_name(&name).and_then(|n| n.metrics);
+    let control_path = config.control_socket(&name);
+    let node = Node::start(NodeOptions {
+        config,
+        node: name.clone(),
+        drivers,
+        fencer,
+    })
+    .await?;
+    let span = tracing::info_span!("node", node = %name, node_id = %node.id(), incarnation = %node.incarnation());
+    let _guard = span.enter();
+
+    let control_node = node.clone();
+    let control_path_shown = control_path.display().to_string();
+    tokio::spawn(async move {
+        if let Err(e) = control::serve(control_node, control_path).await {
+            tracing::error!(path = %control_path_shown, error = %e, "control socket failed");
+        }
+    });
+    if let Some(address) = metrics_address {
+        let metrics_node = node.clone();
+        tokio::spawn(async move {
+            let page = move || {
+                let histograms = latency.as_ref().map(|l| l()).unwrap_or_default();
+                metrics::render(&metrics_node.status(), &histograms)
+            };
+            if let Err(e) = metrics::serve(address, page).await {
+                tracing::error!(%address, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let status_node = node.clone();
+    tokio::spawn(async move {
+        let period = if watchdog {
+            Duration::from_micros(watchdog_usec / 2)
+        } else {
+            Duration::from_secs(2)
+        };
+        loop {
+            tokio::time::sleep(period).await;
+            let s = status_node.status();
+            let primaries: Vec<String> = s
+                .volumes
+                .iter()
+                .filter(|v| v.primary.as_deref() == Some(s.node.as_str()))
+                .map(|v| v.name.clone())
+                .collect();
+            let line = format!(
+                "{}; leader {}; primary of [{}]",
+                if s.quorate { "quorate" } else { "NO QUORUM" },
+                s.leader.as_deref().unwrap_or("none"),
+                primaries.join(", ")
+            );
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+            if watchdog {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| NodeError::Propose(format!("cannot install the SIGTERM handler: {e}")))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    node.shutdown().await;
+    Ok(())
+}

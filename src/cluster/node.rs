@@ -1,0 +1,1073 @@
+//! One cluster node: the async shell around the pure cores.
+//!
+//! ```text
+//!   listener ── handshake ──► membership: heartbeats → detector, raft RPCs → openraft
+//!                            replication/<volume>, dlm: handed to their acceptors
+//!   tick (every heartbeat) ──► heartbeats out; leader: leader_decisions → propose
+//!                              everyone: local_actions → volume drivers, resources, fencing
+//!   state machine ──► watch<ClusterState> + applied entries → events
+//! ```
+//!
+//! The shell decides nothing: it feeds time, heartbeats and reports to the cores and
+//! carries out what they return, feeding results back as the next tick's view.
+
+use super::config::{Config, NodeRole};
+use super::detector::Detector;
+use super::orchestrator::{self, LeaderView, LocalAction, LocalView, NodeReport, ReplicaReport};
+use super::peers::{Heartbeat, Inbound, Peers, serve_inbound};
+use super::raft::network::{Network, RaftReply, RaftRpc};
+use super::raft::store::{LogStore, StateMachine};
+use super::raft::{Proposal, Raft};
+use super::state::{ClusterState, Command, FenceLogEntry, FenceMethod, Outcome};
+use super::status::{ClusterStatus, Event, EventKind, NodeStatus, ReplicaStatus, VolumeStatus};
+use super::transport::{Channel, Credentials, server_handshake};
+use super::types::{Epoch, Incarnation, Millis, NodeId};
+use super::volume::{BoxFuture, OutdatePeer, VolumeAction, VolumeDriver};
+use openraft::BasicNode;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// Errors of a running node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("node `{0}` is not in the configuration")]
+    UnknownNode(String),
+    #[error("cannot prepare the state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {address}")]
+    Listen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the cluster log: {0}")]
+    Raft(String),
+    #[error("no cluster-log leader is reachable (no quorum?)")]
+    NoLeader,
+    #[error("the cluster log did not commit in {0:?} (no quorum?)")]
+    ProposeTimeout(Duration),
+    #[error("proposal failed: {0}")]
+    Propose(String),
+    #[error("configuration: {0}")]
+    Config(#[from] super::config::ConfigError),
+}
+
+/// Carries out reservation fencing for volumes with shared devices.
+pub trait Fencer: Send + Sync {
+    /// Preempts the reservation key of `victim`'s life `incarnation` on `volume`'s shared
+    /// devices and confirms it is gone; returns a description for the fencing record.
+    fn fence(
+        &self,
+        volume: &str,
+        victim: NodeId,
+        incarnation: Incarnation,
+    ) -> BoxFuture<'_, Result<String, String>>;
+}
+
+/// How to build a node.
+pub struct NodeOptions {
+    pub config: Config,
+    pub node: String,
+    /// Local replicas by volume name.
+    pub drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
+    pub fencer: Option<Arc<dyn Fencer>>,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("node", &self.node)
+            .field("drivers", &self.drivers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stream handed over after the transport's handshake.
+pub type Accepted = (NodeId, TcpStream);
+
+struct Inner {
+    config: Config,
+    me: NodeId,
+    name: String,
+    incarnation: Incarnation,
+    started: Instant,
+    raft: Raft,
+    peers: Arc<Peers>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    detector: Mutex<Detector>,
+    reports: Mutex<BTreeMap<NodeId, NodeReport>>,
+    drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
+    fencer: Option<Arc<dyn Fencer>>,
+    resources_running: Mutex<BTreeSet<String>>,
+    fencing: Mutex<BTreeSet<String>>,
+    fence_operations: AtomicU64,
+    events: broadcast::Sender<Event>,
+    acceptors: Mutex<BTreeMap<Channel, mpsc::Sender<Accepted>>>,
+    acting: AtomicBool,
+    deciding: AtomicBool,
+    stopping: watch::Sender<bool>,
+}
+
+/// A running node; cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.inner.name)
+            .field("id", &self.inner.me)
+            .field("incarnation", &self.inner.incarnation)
+            .finish()
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Reads, bumps and durably stores the node's incarnation: every start is a new life.
+fn next_incarnation(dir: &std::path::Path) -> std::io::Result<Incarnation> {
+    let path = dir.join("incarnation");
+    let current = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let next = current + 1;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(next.to_string().as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(Incarnation(next))
+}
+
+impl Node {
+    /// Starts the node: state directory, cluster log, listener, peers, tick loop.
+    pub async fn start(options: NodeOptions) -> Result<Self, NodeError> {
+        let NodeOptions {
+            config,
+            node,
+            drivers,
+            fencer,
+        } = options;
+        let me_config = config
+            .node_by_name(&node)
+            .cloned()
+            .ok_or_else(|| NodeError::UnknownNode(node.clone()))?;
+        let me = me_config.id;
+        let dir = config.state_dir(&node);
+        let state_dir_error = |source| NodeError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(state_dir_error)?;
+        let incarnation = next_incarnation(&dir).map_err(state_dir_error)?;
+        let secret = config.secret()?;
+        let creds = Credentials::new(&config.cluster.name, me, &secret);
+
+        let listener = TcpListener::bind(me_config.address)
+            .await
+            .map_err(|source| NodeError::Listen {
+                address: me_config.address,
+                source,
+            })?;
+
+        let addresses: BTreeMap<NodeId, std::net::SocketAddr> =
+            config.nodes.iter().map(|n| (n.id, n.address)).collect();
+        let peers = Peers::start(creds.clone(), &addresses, Some(me_config.address.ip()));
+
+        let hb = config.cluster.heartbeat_ms;
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster.name.clone(),
+            heartbeat_interval: hb,
+            election_timeout_min: hb * 3,
+            election_timeout_max: hb * 6,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+            max_in_snapshot_log_to_keep: 50,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(
+            raft_config
+                .validate()
+                .map_err(|e| NodeError::Raft(e.to_string()))?,
+        );
+        let raft_dir = dir.join("raft");
+        let log = LogStore::open(&raft_dir.join("log")).map_err(state_dir_error)?;
+        let (machine, state) =
+            StateMachine::open(Some(&raft_dir.join("sm"))).map_err(state_dir_error)?;
+        let mut applied = machine.subscribe();
+        let raft = Raft::new(
+            me.0,
+            raft_config,
+            Network::new(Arc::clone(&peers)),
+            log,
+            machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?
+        {
+            let members: BTreeMap<u64, BasicNode> = config
+                .nodes
+                .iter()
+                .map(|n| (n.id.0, BasicNode::new(n.address.to_string())))
+                .collect();
+            // Every node may initialise with the same membership; one election follows.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(error = %e, "cluster log already initialised");
+            }
+        }
+
+        let members: Vec<NodeId> = config.nodes.iter().map(|n| n.id).collect();
+        let detector = Detector::new(
+            me,
+            &members,
+            Millis(0),
+            config.cluster.failure_timeout_ms,
+            config.cluster.quorum_lease_ms,
+        );
+        let (events, _) = broadcast::channel(4096);
+        let (stopping, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            config,
+            me,
+            name: node,
+            incarnation,
+            started: Instant::now(),
+            raft,
+            peers,
+            state,
+            detector: Mutex::new(detector),
+            reports: Mutex::default(),
+            drivers,
+            fencer,
+            resources_running: Mutex::default(),
+            fencing: Mutex::default(),
+            fence_operations: AtomicU64::new(0),
+            events,
+            acceptors: Mutex::default(),
+            acting: AtomicBool::new(false),
+            deciding: AtomicBool::new(false),
+            stopping,
+        });
+        let node = Node { inner };
+        node.event(EventKind::Started { incarnation });
+        tracing::info!(node = %node.inner.name, node_id = %me, %incarnation, "node started");
+
+        tokio::spawn(node.clone().accept_loop(listener));
+        tokio::spawn(node.clone().tick_loop());
+        let forward = node.clone();
+        tokio::spawn(async move {
+            loop {
+                match applied.recv().await {
+                    Ok(entry) => forward.event(EventKind::Applied { entry }),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// This life's incarnation.
+    pub fn incarnation(&self) -> Incarnation {
+        self.inner.incarnation
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The cluster state as this node last applied it.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Follows the cluster state.
+    pub fn watch_state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.inner.state.clone()
+    }
+
+    /// Subscribes to events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Registers who takes authenticated connections for `channel` (a volume's
+    /// replication, the DLM). Returns the receiving end.
+    pub fn accept_channel(&self, channel: Channel) -> mpsc::Receiver<Accepted> {
+        let (tx, rx) = mpsc::channel(16);
+        self.inner
+            .acceptors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel, tx);
+        rx
+    }
+
+    /// Credentials for outbound authenticated connections of this node.
+    pub fn credentials(&self) -> Result<Credentials, NodeError> {
+        Ok(Credentials::new(
+            &self.inner.config.cluster.name,
+            self.inner.me,
+            &self.inner.config.secret()?,
+        ))
+    }
+
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn event(&self, kind: EventKind) {
+        let _ = self.inner.events.send(Event {
+            at_ms: wall_ms(),
+            node: self.inner.name.clone(),
+            kind,
+        });
+    }
+
+    /// The current leader of the cluster log, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .current_leader
+            .map(NodeId)
+    }
+
+    /// Whether this node hears a majority now.
+    pub fn is_quorate(&self) -> bool {
+        let now = self.now();
+        self.inner
+            .detector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .quorate(now)
+    }
+
+    /// Proposes a command to the cluster log (through the leader) and returns its outcome.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
+        let timeout = Duration::from_millis(self.inner.config.cluster.failure_timeout_ms * 2);
+        let proposal = Proposal {
+            command,
+            proposer: self.inner.me,
+            at: Millis(wall_ms()),
+        };
+        match tokio::time::timeout(timeout, self.propose_once(proposal)).await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::ProposeTimeout(timeout)),
+        }
+    }
+
+    async fn propose_once(&self, proposal: Proposal) -> Result<Outcome, NodeError> {
+        use openraft::error::{ClientWriteError, RaftError};
+        match self.inner.raft.client_write(proposal.clone()).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let leader = forward.leader_id.map(NodeId).ok_or(NodeError::NoLeader)?;
+                let timeout =
+                    Duration::from_millis(self.inner.config.cluster.failure_timeout_ms * 2);
+                match self
+                    .inner
+                    .peers
+                    .request(leader, RaftRpc::Propose(proposal), timeout)
+                    .await
+                {
+                    Ok(RaftReply::Propose(Ok(outcome))) => Ok(outcome),
+                    Ok(RaftReply::Propose(Err(e))) => Err(NodeError::Propose(e)),
+                    Ok(_) => Err(NodeError::Propose("leader answered a different RPC".into())),
+                    Err(e) => Err(NodeError::Propose(e.to_string())),
+                }
+            }
+            Err(e) => Err(NodeError::Propose(e.to_string())),
+        }
+    }
+
+    async fn accept_loop(self, listener: TcpListener) {
+        let mut stopping = self.inner.stopping.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopping.changed() => return,
+            };
+            let (mut stream, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let Ok(creds) = node.credentials() else {
+                    return;
+                };
+                let config = &node.inner.config;
+                let handshake =
+                    server_handshake(&mut stream, &creds, |id| config.node(id).is_some()).await;
+                let (peer, channel) = match handshake {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "refused a peer connection");
+                        return;
+                    }
+                };
+                tracing::debug!(peer = %peer, %channel, "peer connection accepted");
+                if channel == Channel::Membership {
+                    let stop = node.inner.stopping.subscribe();
+                    serve_inbound(stream, peer, Arc::new(node), stop).await;
+                    return;
+                }
+                let acceptor = node
+                    .inner
+                    .acceptors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&channel)
+                    .cloned();
+                match acceptor {
+                    Some(tx) => {
+                        let _ = tx.send((peer, stream)).await;
+                    }
+                    None => {
+                        tracing::warn!(peer = %peer, %channel, "no service for this channel here; closing")
+                    }
+                }
+            });
+        }
+    }
+
+    /// This node's report: its replicas and their resources.
+    fn report(&self) -> NodeReport {
+        let running = self
+            .inner
+            .resources_running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let volumes = self
+            .inner
+            .drivers
+            .iter()
+            .map(|(name, driver)| {
+                let mut report = driver.report();
+                report.resources_running = running.contains(name);
+                (name.clone(), report)
+            })
+            .collect();
+        NodeReport {
+            incarnation: self.inner.incarnation,
+            quorate: self.is_quorate(),
+            volumes,
+        }
+    }
+
+    async fn tick_loop(self) {
+        let period = Duration::from_millis(self.inner.config.cluster.heartbeat_ms);
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping = self.inner.stopping.subscribe();
+        let mut last_alive = BTreeSet::new();
+        let mut last_quorate = None;
+        let mut last_leader = None;
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stopping.changed() => return,
+            }
+            self.tick(&mut last_alive, &mut last_quorate, &mut last_leader);
+        }
+    }
+
+    fn tick(
+        &self,
+        last_alive: &mut BTreeSet<NodeId>,
+        last_quorate: &mut Option<bool>,
+        last_leader: &mut Option<Option<NodeId>>,
+    ) {
+        let now = self.now();
+        let report = self.report();
+        for peer in self
+            .inner
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.id != self.inner.me)
+        {
+            self.inner.peers.heartbeat(
+                peer.id,
+                Heartbeat {
+                    from: self.inner.me,
+                    incarnation: self.inner.incarnation,
+                    report: report.clone(),
+                },
+            );
+        }
+        self.inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.inner.me, report);
+        let (alive, dead, quorate) = {
+            let d = self
+                .inner
+                .detector
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (d.alive(now), d.dead(now), d.quorate(now))
+        };
+        for peer in alive.difference(last_alive) {
+            self.event(EventKind::PeerAlive { peer: *peer });
+        }
+        for peer in last_alive.difference(&alive) {
+            let silence_ms = self
+                .inner
+                .detector
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .silence_ms(*peer, now)
+                .unwrap_or(0);
+            self.event(EventKind::PeerSilent {
+                peer: *peer,
+                silence_ms,
+            });
+        }
+        *last_alive = alive.clone();
+        if *last_quorate != Some(quorate) {
+            self.event(EventKind::Quorum { quorate });
+            *last_quorate = Some(quorate);
+        }
+        let leader = self.leader();
+        if *last_leader != Some(leader) {
+            self.event(EventKind::Leader { leader });
+            *last_leader = Some(leader);
+        }
+        if leader == Some(self.inner.me) && !self.inner.deciding.swap(true, Ordering::AcqRel) {
+            let node = self.clone();
+            tokio::spawn(async move {
+                node.lead(alive, dead).await;
+                node.inner.deciding.store(false, Ordering::Release);
+            });
+        }
+        if !self.inner.acting.swap(true, Ordering::AcqRel) {
+            let node = self.clone();
+            tokio::spawn(async move {
+                node.act(quorate).await;
+                node.inner.acting.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// The leader's part: configure, then the orchestrator's decisions.
+    async fn lead(&self, alive: BTreeSet<NodeId>, dead: BTreeSet<NodeId>) {
+        let state = self.state();
+        let config = &self.inner.config;
+        let configured = config
+            .nodes
+            .iter()
+            .all(|n| state.members.contains_key(&n.id))
+            && config
+                .volumes
+                .iter()
+                .all(|v| state.volumes.contains_key(&v.name));
+        if !configured {
+            let volumes = config
+                .volumes
+                .iter()
+                .map(|v| {
+                    let replicas = v
+                        .nodes
+                        .iter()
+                        .filter_map(|n| config.node_by_name(n))
+                        .map(|n| n.id)
+                        .collect();
+                    (v.name.clone(), replicas)
+                })
+                .collect();
+            let command = Command::Configure {
+                members: config.nodes.iter().map(|n| n.id).collect(),
+                volumes,
+            };
+            if let Err(e) = self.propose(command).await {
+                tracing::debug!(error = %e, "configuring the cluster log failed; will retry");
+            }
+            return;
+        }
+        let reports = self
+            .inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let decisions = orchestrator::leader_decisions(LeaderView {
+            now: self.now(),
+            state: &state,
+            alive: &alive,
+            dead: &dead,
+            reports: &reports,
+        });
+        for command in decisions {
+            match self.propose(command.clone()).await {
+                Ok(Outcome::Applied) => tracing::info!(?command, "leader decision applied"),
+                Ok(Outcome::Rejected { reason }) => {
+                    tracing::debug!(?command, %reason, "leader decision rejected")
+                }
+                Err(e) => {
+                    tracing::warn!(?command, error = %e, "leader decision not committed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// This node's part: the orchestrator's local actions, in order.
+    async fn act(&self, quorate: bool) {
+        let state = self.state();
+        let replicas: BTreeMap<String, ReplicaReport> = self.report().volumes;
+        let reports = self
+            .inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let shared: BTreeSet<String> = self
+            .inner
+            .config
+            .volumes
+            .iter()
+            .filter(|v| {
+                v.on_node(&self.inner.name)
+                    .is_some_and(|o| !o.shared_devices.is_empty())
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        let fencing = self
+            .inner
+            .fencing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let actions = orchestrator::local_actions(LocalView {
+            me: self.inner.me,
+            incarnation: self.inner.incarnation,
+            now: self.now(),
+            quorate,
+            state: &state,
+            replicas: &replicas,
+            reports: &reports,
+            shared: &shared,
+            fencing: &fencing,
+        });
+        for action in actions {
+            let result = self.carry_out(&action).await;
+            let quiet = matches!(
+                action,
+                LocalAction::Propose {
+                    command: Command::Join { .. }
+                }
+            ) && result.is_err();
+            if !quiet || result.is_ok() {
+                self.event(EventKind::Action {
+                    action: action.clone(),
+                    error: result.clone().err(),
+                });
+            }
+            if let Err(e) = result {
+                tracing::warn!(?action, error = %e, "local action failed");
+                break;
+            }
+        }
+    }
+
+    async fn carry_out(&self, action: &LocalAction) -> Result<(), String> {
+        let driver = |volume: &str| {
+            self.inner
+                .drivers
+                .get(volume)
+                .cloned()
+                .ok_or_else(|| format!("no local replica of {volume}"))
+        };
+        match action {
+            LocalAction::Propose { command } => match self.propose(command.clone()).await {
+                Ok(Outcome::Applied) => Ok(()),
+                Ok(Outcome::Rejected { reason }) => Err(format!("rejected: {reason}")),
+                Err(e) => Err(e.to_string()),
+            },
+            LocalAction::PromoteReplica { volume, epoch } => {
+                driver(volume)?
+                    .apply(VolumeAction::Promote { epoch: *epoch })
+                    .await
+            }
+            LocalAction::DemoteReplica { volume } => {
+                driver(volume)?.apply(VolumeAction::Demote).await
+            }
+            LocalAction::SetEpoch { volume, epoch } => {
+                driver(volume)?
+                    .apply(VolumeAction::SetEpoch { epoch: *epoch })
+                    .await
+            }
+            LocalAction::Suspend { volume } => driver(volume)?.apply(VolumeAction::Suspend).await,
+            LocalAction::Resume { volume } => driver(volume)?.apply(VolumeAction::Resume).await,
+            LocalAction::StartResources { volume } => {
+                let resources = self.resources_of(volume);
+                tokio::task::spawn_blocking(move || crate::resources::start_all(&resources))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                self.inner
+                    .resources_running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(volume.clone());
+                Ok(())
+            }
+            LocalAction::StopResources { volume } => {
+                let resources = self.resources_of(volume);
+                let result =
+                    tokio::task::spawn_blocking(move || crate::resources::stop_all(&resources))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                self.inner
+                    .resources_running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(volume);
+                result.map_err(|e| e.to_string())
+            }
+            LocalAction::Fence {
+                volume,
+                victim,
+                victim_incarnation,
+                reservation,
+            } => {
+                self.fence(volume, *victim, *victim_incarnation, *reservation)
+                    .await
+            }
+        }
+    }
+
+    fn resources_of(&self, volume: &str) -> Vec<super::config::ResourceConfig> {
+        self.inner
+            .config
+            .volume(volume)
+            .map(|v| v.resources.clone())
+            .unwrap_or_default()
+    }
+
+    async fn fence(
+        &self,
+        volume: &str,
+        victim: NodeId,
+        incarnation: Incarnation,
+        reservation: bool,
+    ) -> Result<(), String> {
+        self.inner
+            .fencing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(volume.to_owned());
+        let result = async {
+            let method = if reservation {
+                let fencer = self
+                    .inner
+                    .fencer
+                    .clone()
+                    .ok_or("volume has shared devices but this node has no fencer")?;
+                self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
+                FenceMethod::Reservation {
+                    detail: fencer.fence(volume, victim, incarnation).await?,
+                }
+            } else {
+                self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
+                FenceMethod::Epoch
+            };
+            let volume_epoch = self
+                .state()
+                .volumes
+                .get(volume)
+                .map(|v| v.epoch)
+                .unwrap_or_default();
+            let entry = FenceLogEntry {
+                volume: volume.to_owned(),
+                victim,
+                victim_incarnation: incarnation,
+                by: self.inner.me,
+                method,
+                at: Millis(wall_ms()),
+                volume_epoch,
+            };
+            match self.propose(Command::Fenced { entry }).await {
+                Ok(Outcome::Applied) => Ok(()),
+                Ok(Outcome::Rejected { reason }) => {
+                    Err(format!("fencing record rejected: {reason}"))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        .await;
+        self.inner
+            .fencing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(volume);
+        result
+    }
+
+    /// A status snapshot of the whole cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        let now = self.now();
+        let state = self.state();
+        let config = &self.inner.config;
+        let leader = self.leader();
+        let detector = self
+            .inner
+            .detector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let alive = detector.alive(now);
+        let reports = self
+            .inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let name_of = |id: NodeId| {
+            config
+                .node(id)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| id.to_string())
+        };
+        let nodes = config
+            .nodes
+            .iter()
+            .map(|n| {
+                let member = state.members.get(&n.id).cloned().unwrap_or_default();
+                NodeStatus {
+                    id: n.id,
+                    name: n.name.clone(),
+                    role: n.role,
+                    up: member.up,
+                    alive: alive.contains(&n.id),
+                    incarnation: member.incarnation,
+                    silence_ms: if n.id == self.inner.me {
+                        Some(0)
+                    } else {
+                        detector.silence_ms(n.id, now)
+                    },
+                    leader: leader == Some(n.id),
+                }
+            })
+            .collect();
+        let volumes = config
+            .volumes
+            .iter()
+            .map(|v| {
+                let record = state.volumes.get(&v.name).cloned().unwrap_or_default();
+                let replicas = v
+                    .nodes
+                    .iter()
+                    .filter_map(|n| config.node_by_name(n))
+                    .map(|n| ReplicaStatus {
+                        node: n.name.clone(),
+                        outdated: record.outdated.contains(&n.id),
+                        report: reports
+                            .get(&n.id)
+                            .and_then(|r| r.volumes.get(&v.name).cloned()),
+                    })
+                    .collect();
+                VolumeStatus {
+                    name: v.name.clone(),
+                    primary: record.primary.map(name_of),
+                    epoch: record.epoch,
+                    pending_fence: record.pending_fence.map(|p| name_of(p.victim)),
+                    switchover_to: record.switchover_to.map(name_of),
+                    replicas,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            cluster: config.cluster.name.clone(),
+            node: self.inner.name.clone(),
+            node_id: self.inner.me,
+            incarnation: self.inner.incarnation,
+            leader: leader.map(name_of),
+            quorate: detector.quorate(now),
+            membership_epoch: state.epoch,
+            nodes,
+            volumes,
+            fencing: state.fencing.iter().cloned().collect(),
+            failovers: state.failovers,
+            switchovers: state.switchovers,
+            fence_operations: self.inner.fence_operations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The local replica of `volume`, if this node holds one.
+    pub fn driver(&self, volume: &str) -> Option<Arc<dyn VolumeDriver>> {
+        self.inner.drivers.get(volume).cloned()
+    }
+
+    /// Whether this node is a data node.
+    pub fn is_data_node(&self) -> bool {
+        self.inner
+            .config
+            .node(self.inner.me)
+            .is_some_and(|n| n.role == NodeRole::Data)
+    }
+
+    /// Orderly shutdown: stop resources, demote, leave the cluster, stop the loops.
+    pub async fn shutdown(&self) {
+        self.event(EventKind::Stopping);
+        // No more automatic actions from here on.
+        self.inner.acting.store(true, Ordering::Release);
+        let state = self.state();
+        for (name, driver) in &self.inner.drivers {
+            let primary = state.volumes.get(name).and_then(|v| v.primary) == Some(self.inner.me);
+            let _ = self
+                .carry_out(&LocalAction::StopResources {
+                    volume: name.clone(),
+                })
+                .await;
+            if (primary || driver.report().role == orchestrator::ReplicaRole::Primary)
+                && let Err(e) = driver.apply(VolumeAction::Demote).await
+            {
+                tracing::warn!(volume = %name, error = %e, "demote on shutdown failed");
+            }
+        }
+        let leave = Command::Leave {
+            node: self.inner.me,
+            incarnation: self.inner.incarnation,
+        };
+        if let Err(e) = self.propose(leave).await {
+            tracing::warn!(error = %e, "could not record leaving the cluster; peers will time out");
+        }
+        let _ = self.inner.stopping.send(true);
+        self.inner.peers.stop();
+        let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// Stops this node abruptly, as a crash would: no demotion, no goodbye. Peers find
+    /// out through silence. (Tests of failover in one process use it.)
+    pub async fn halt(&self) {
+        self.inner.acting.store(true, Ordering::Release);
+        self.inner.deciding.store(true, Ordering::Release);
+        let _ = self.inner.stopping.send(true);
+        self.inner.peers.stop();
+        let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// A handle drivers use to outdate their peer through the cluster log.
+    pub fn outdater(&self) -> Arc<dyn OutdatePeer> {
+        Arc::new(self.clone())
+    }
+
+    /// The current epoch of `volume` in the log.
+    pub fn volume_epoch(&self, volume: &str) -> Option<Epoch> {
+        self.state().volumes.get(volume).map(|v| v.epoch)
+    }
+}
+
+impl OutdatePeer for Node {
+    fn outdate_peer(&self, volume: &str, peer: NodeId) -> BoxFuture<'_, Result<(), String>> {
+        let volume = volume.to_owned();
+        Box::pin(async move {
+            let expect = self
+                .volume_epoch(&volume)
+                .ok_or_else(|| format!("unknown volume {volume}"))?;
+            let command = Command::Outdate {
+                volume,
+                victim: peer,
+                by: self.inner.me,
+                expect,
+            };
+            match self.propose(command).await {
+                Ok(Outcome::Applied) => Ok(()),
+                Ok(Outcome::Rejected { reason }) => Err(reason),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+impl Inbound for Node {
+    fn heartbeat(&self, heartbeat: Heartbeat) {
+        let now = self.now();
+        self.inner
+            .detector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .heard(heartbeat.from, heartbeat.incarnation, now);
+        self.inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(heartbeat.from, heartbeat.report);
+    }
+
+    fn rpc(
+        &self,
+        _from: NodeId,
+        rpc: RaftRpc,
+    ) -> impl std::future::Future<Output = RaftReply> + Send {
+        let raft = self.inner.raft.clone();
+        async move {
+            match rpc {
+                RaftRpc::Append(request) => RaftReply::Append(raft.append_entries(request).await),
+                RaftRpc::Vote(request) => RaftReply::Vote(raft.vote(request).await),
+                RaftRpc::Snapshot(request) => {
+                    RaftReply::Snapshot(raft.install_snapshot(request).await)
+                }
+                RaftRpc::Propose(proposal) => RaftReply::Propose(
+                    raft.client_write(proposal)
+                        .await
+                        .map(|r| r.data)
+                        .map_err(|e| e.to_string()),
+                ),
+            }
+        }
+    }
+}
