@@ -15,7 +15,17 @@
 pub mod emulator;
 mod error;
 mod key;
+pub mod policy;
 pub mod pr;
+mod sys;
+pub mod transport;
 
 pub use error::{ErrorKind, FenceError, Operation, Result};
 pub use key::{KeyParts, ParseKeyError, PrKey};
+#[cfg(feature = "shell")]
+pub use policy::SelfCheckTask;
+pub use policy::{
+    FenceMethod, FencePolicy, FenceRecord, FenceSettings, PathOutcome, PreemptFlavour, SelfCheck,
+    SelfCheckEvent, UnfenceRecord, Verification,
+};
+pub use transport::PrTransport;
