@@ -52,20 +52,32 @@ pub struct NexusId(pub u16);
 pub struct NexusInfo {
     /// The initiator port (its TransportID).
     pub initiator: TransportId,
-    /// Relative target port identifier of the target port this nexus uses.
+    /// Relative target port identifier the target reports for this nexus's port.
     pub relative_target_port: u16,
+    /// Which target port (LIO: which TPG) the nexus goes through. Usually distinct per
+    /// RELATIVE TARGET PORT IDENTIFIER, but LIO's tcm_loop reports 0 for every port, so the
+    /// two are kept apart.
+    pub target_port: u16,
     /// NVMe host rather than SCSI initiator: no unit attentions are queued for it.
     pub nvme: bool,
 }
 
 impl NexusInfo {
-    /// A SCSI nexus from `initiator` through target port `relative_target_port`.
+    /// A SCSI nexus from `initiator` through the target port with identifier
+    /// `relative_target_port`.
     pub fn scsi(initiator: TransportId, relative_target_port: u16) -> Self {
         Self {
             initiator,
             relative_target_port,
+            target_port: relative_target_port,
             nvme: false,
         }
+    }
+
+    /// The same nexus on target port `port` (when ports share a relative identifier).
+    pub fn on_target_port(mut self, port: u16) -> Self {
+        self.target_port = port;
+        self
     }
 
     /// A SAS-addressed nexus like the ones LIO's tcm_loop creates.
@@ -326,10 +338,13 @@ impl Emulator {
         enum Parsed {
             In(PrInCdb),
             Out(PrOutCdb),
+            Data(Access),
         }
         let parsed = match opcode {
             PERSISTENT_RESERVE_IN => PrInCdb::decode(cdb).map(Parsed::In),
             PERSISTENT_RESERVE_OUT => PrOutCdb::decode(cdb).map(Parsed::Out),
+            READ_10 if cdb.len() >= 10 => Ok(Parsed::Data(Access::Read)),
+            WRITE_10 if cdb.len() >= 10 => Ok(Parsed::Data(Access::Write)),
             _ => return Refusal::INVALID_OPCODE.into_response(),
         };
         let Ok(parsed) = parsed else {
@@ -341,6 +356,9 @@ impl Emulator {
         let result = match parsed {
             Parsed::In(c) => self.pr_in_cdb(&c),
             Parsed::Out(c) => self.pr_out_cdb(nexus, &c, data_out).map(|()| Vec::new()),
+            // The emulator keeps no blocks: a permitted READ returns no data.
+            Parsed::Data(access) if self.may_access(nexus, access) => Ok(Vec::new()),
+            Parsed::Data(_) => Err(Refusal::Conflict),
         };
         match result {
             Ok(data) => ScsiResponse::good(data),
@@ -1065,9 +1083,11 @@ impl Emulator {
         if Some(&dest_name) == own_name.as_ref() {
             return Err(Refusal::INVALID_PARAMETER_LIST);
         }
+        // LIO looks the destination initiator up in the first port carrying that identifier.
+        let port = self.nexus(port_nexus).map(|i| i.target_port);
         let Some(dest) = self.nexus_ids().find(|&n| {
             self.nexus(n).is_some_and(|i| {
-                i.relative_target_port == rtpi && i.initiator.port_name() == dest_name
+                Some(i.target_port) == port && i.initiator.port_name() == dest_name
             })
         }) else {
             return Err(Refusal::INVALID_PARAMETER_LIST);
@@ -1100,6 +1120,10 @@ impl Emulator {
         Ok(())
     }
 }
+
+/// READ(10) and WRITE(10): the emulator checks them against the reservation only.
+const READ_10: u8 = 0x28;
+const WRITE_10: u8 = 0x2a;
 
 /// Parameter lists longer than this are refused (INVALID FIELD IN CDB).
 const MAX_PARAMETER_LIST: usize = 64 * 1024;

@@ -45,6 +45,7 @@ impl super::NexusInfo {
                 bytes: host_id.to_vec(),
             },
             relative_target_port: 0,
+            target_port: 0,
             nvme: true,
         }
     }

@@ -229,6 +229,21 @@ fn rule_table() {
             cases += 1;
             continue;
         }
+        if let Some(ids) = line.strip_prefix("ports ") {
+            // Re-create the LU with these relative target port identifiers (ports stay
+            // distinct).
+            let mut fresh = Emulator::new();
+            for (i, rtpi) in ids.split_whitespace().enumerate() {
+                let rtpi: u16 = rtpi.parse().unwrap();
+                let port = u16::try_from(i).unwrap() + 1;
+                fresh.add_nexus(
+                    NexusInfo::sas(0x5001_4050_0000_00a0 + u64::try_from(i).unwrap(), rtpi)
+                        .on_target_port(port),
+                );
+            }
+            lu = fresh;
+            continue;
+        }
         run_step(&mut lu, line, &case);
         steps += 1;
     }
@@ -279,8 +294,31 @@ fn malformed_commands_get_sense_not_panics() {
         "empty CDB"
     );
     assert_eq!(
-        lu.execute(NexusId(0), &[0x28; 10], &[]).sense.unwrap().asc,
+        lu.execute(NexusId(0), &[0x1b; 6], &[]).sense.unwrap().asc,
         0x20
+    );
+    // READ(10)/WRITE(10) are checked against the reservation.
+    let write10 = [0x2a, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+    assert_eq!(
+        lu.execute(NexusId(0), &write10, &[0; 512]).status,
+        ScsiStatus::GOOD
+    );
+    lu.pr_out(
+        NexusId(1),
+        &PrOutCommand::register(PrKey::ZERO, PrKey::new(0xb2)),
+    )
+    .unwrap();
+    let wero = ReservationType::WriteExclusiveRegistrantsOnly;
+    lu.pr_out(NexusId(1), &PrOutCommand::reserve(PrKey::new(0xb2), wero))
+        .unwrap();
+    assert_eq!(
+        lu.execute(NexusId(0), &write10, &[0; 512]).status,
+        ScsiStatus::RESERVATION_CONFLICT
+    );
+    let read10 = [0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+    assert_eq!(
+        lu.execute(NexusId(0), &read10, &[]).status,
+        ScsiStatus::GOOD
     );
     assert_eq!(
         lu.execute(NexusId(9), &[0x5e; 10], &[]).sense.unwrap().asc,
@@ -313,14 +351,19 @@ fn malformed_commands_get_sense_not_panics() {
             .asc,
         0x1a
     );
-    // Unknown service action.
+    // Unknown service action: a conflict for a non-holder, INVALID FIELD IN CDB for the
+    // reservation holder.
     let cdb = PrOutCdb {
         service_action: 0x1f,
         parameter_list_length: 24,
         ..cdb
     };
     assert_eq!(
-        lu.execute(NexusId(0), &cdb.encode(), &[0; 24])
+        lu.execute(NexusId(0), &cdb.encode(), &[0; 24]).status,
+        ScsiStatus::RESERVATION_CONFLICT
+    );
+    assert_eq!(
+        lu.execute(NexusId(1), &cdb.encode(), &[0; 24])
             .sense
             .unwrap()
             .asc,

@@ -21,7 +21,7 @@ pub mod transport_id;
 mod types;
 
 pub use command::PrOutCommand;
-pub use types::{PrInAction, PrOutAction, ReservationType, SCOPE_LU};
+pub use types::{PrInAction, PrOutAction, ReservationType, SCOPE_LU, type_code_description};
 
 /// Bytes that could not be decoded: what was being decoded and why it failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -157,6 +157,10 @@ impl PrTransport for BlockPrDevice {
         self.reader.pr_in(action)
     }
 
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        self.reader.pr_in_raw(action, allocation_length)
+    }
+
     fn inquiry(&self) -> Result<Option<InquiryData>> {
         self.reader.inquiry()
     }

@@ -50,6 +50,15 @@ pub trait PrTransport: fmt::Debug + Send + Sync {
     /// Sends PERSISTENT RESERVE OUT (or its NVMe equivalent).
     fn pr_out(&self, command: &PrOutCommand) -> Result<()>;
 
+    /// PR IN with a chosen ALLOCATION LENGTH; returns the decoded data and the bytes as
+    /// the device sent them (re-encoded where the transport has no such bytes, e.g. NVMe).
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        let _ = allocation_length;
+        let data = self.pr_in(action)?;
+        let bytes = data.encode();
+        Ok((data, bytes))
+    }
+
     /// Standard INQUIRY data, for transports that have it (SCSI).
     fn inquiry(&self) -> Result<Option<InquiryData>> {
         Ok(None)
@@ -106,6 +115,9 @@ impl<T: PrTransport + ?Sized> PrTransport for Box<T> {
     fn pr_out(&self, command: &PrOutCommand) -> Result<()> {
         (**self).pr_out(command)
     }
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        (**self).pr_in_raw(action, allocation_length)
+    }
     fn inquiry(&self) -> Result<Option<InquiryData>> {
         (**self).inquiry()
     }
@@ -120,6 +132,9 @@ impl<T: PrTransport + ?Sized> PrTransport for std::sync::Arc<T> {
     }
     fn pr_out(&self, command: &PrOutCommand) -> Result<()> {
         (**self).pr_out(command)
+    }
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        (**self).pr_in_raw(action, allocation_length)
     }
     fn inquiry(&self) -> Result<Option<InquiryData>> {
         (**self).inquiry()

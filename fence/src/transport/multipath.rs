@@ -105,6 +105,12 @@ impl PrTransport for Multipath {
         self.first_answer(Operation::PrIn(action), |p| p.pr_in(action))
     }
 
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        self.first_answer(Operation::PrIn(action), |p| {
+            p.pr_in_raw(action, allocation_length)
+        })
+    }
+
     fn inquiry(&self) -> Result<Option<InquiryData>> {
         self.first_answer(Operation::Inquiry, |p| p.inquiry())
     }

@@ -151,8 +151,7 @@ impl<S: ScsiSubmit> ScsiPr<S> {
         &self.submit
     }
 
-    /// PR IN with a chosen allocation length; returns the decoded data and the raw bytes.
-    pub fn pr_in_raw(
+    fn pr_in_bytes(
         &self,
         action: PrInAction,
         allocation_length: u16,
@@ -182,8 +181,12 @@ impl<S: ScsiSubmit> PrTransport for ScsiPr<S> {
     }
 
     fn pr_in(&self, action: PrInAction) -> Result<PrInData> {
-        self.pr_in_raw(action, self.allocation_length)
+        self.pr_in_bytes(action, self.allocation_length)
             .map(|(d, _)| d)
+    }
+
+    fn pr_in_raw(&self, action: PrInAction, allocation_length: u16) -> Result<(PrInData, Vec<u8>)> {
+        self.pr_in_bytes(action, allocation_length)
     }
 
     fn pr_out(&self, command: &PrOutCommand) -> Result<()> {
