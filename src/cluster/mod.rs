@@ -16,6 +16,8 @@ pub mod node;
 pub mod orchestrator;
 pub mod peers;
 pub mod raft;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod state;
 pub mod status;
 pub mod transport;

@@ -72,6 +72,9 @@ pub trait Fencer: Send + Sync {
         victim: NodeId,
         incarnation: Incarnation,
     ) -> BoxFuture<'_, Result<String, String>>;
+    /// Registers this node's key for life `incarnation` on every shared device (and
+    /// reserves where nobody holds a reservation).
+    fn unfence(&self, incarnation: Incarnation) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// How to build a node.
@@ -99,7 +102,9 @@ struct Inner {
     config: Config,
     me: NodeId,
     name: String,
-    incarnation: Incarnation,
+    /// This life; bumped when the cluster ends it (see `LocalAction::Rejoin`).
+    incarnation: AtomicU64,
+    state_dir: PathBuf,
     started: Instant,
     raft: Raft,
     peers: Arc<Peers>,
@@ -129,7 +134,10 @@ impl std::fmt::Debug for Node {
         f.debug_struct("Node")
             .field("name", &self.inner.name)
             .field("id", &self.inner.me)
-            .field("incarnation", &self.inner.incarnation)
+            .field(
+                "incarnation",
+                &self.inner.incarnation.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -261,7 +269,8 @@ impl Node {
             config,
             me,
             name: node,
-            incarnation,
+            incarnation: AtomicU64::new(incarnation.0),
+            state_dir: dir.clone(),
             started: Instant::now(),
             raft,
             peers,
@@ -310,7 +319,7 @@ impl Node {
 
     /// This life's incarnation.
     pub fn incarnation(&self) -> Incarnation {
-        self.inner.incarnation
+        Incarnation(self.inner.incarnation.load(Ordering::Acquire))
     }
 
     /// The configuration.
@@ -499,7 +508,7 @@ impl Node {
             })
             .collect();
         NodeReport {
-            incarnation: self.inner.incarnation,
+            incarnation: self.incarnation(),
             quorate: self.is_quorate(),
             volumes,
         }
@@ -541,7 +550,7 @@ impl Node {
                 peer.id,
                 Heartbeat {
                     from: self.inner.me,
-                    incarnation: self.inner.incarnation,
+                    incarnation: self.incarnation(),
                     report: report.clone(),
                 },
             );
@@ -692,7 +701,7 @@ impl Node {
             .clone();
         let actions = orchestrator::local_actions(LocalView {
             me: self.inner.me,
-            incarnation: self.inner.incarnation,
+            incarnation: self.incarnation(),
             now: self.now(),
             quorate,
             state: &state,
@@ -776,6 +785,19 @@ impl Node {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(volume);
                 result.map_err(|e| e.to_string())
+            }
+            LocalAction::Rejoin => {
+                let dir = self.inner.state_dir.clone();
+                let next = tokio::task::spawn_blocking(move || next_incarnation(&dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("cannot store a new incarnation: {e}"))?;
+                self.inner.incarnation.store(next.0, Ordering::Release);
+                tracing::warn!(incarnation = %next, "the cluster ended this node's life; rejoining as a new incarnation");
+                if let Some(fencer) = &self.inner.fencer {
+                    fencer.unfence(next).await?;
+                }
+                Ok(())
             }
             LocalAction::Fence {
                 volume,
@@ -933,7 +955,7 @@ impl Node {
             cluster: config.cluster.name.clone(),
             node: self.inner.name.clone(),
             node_id: self.inner.me,
-            incarnation: self.inner.incarnation,
+            incarnation: self.incarnation(),
             leader: leader.map(name_of),
             quorate: detector.quorate(now),
             membership_epoch: state.epoch,
@@ -980,7 +1002,7 @@ impl Node {
         }
         let leave = Command::Leave {
             node: self.inner.me,
-            incarnation: self.inner.incarnation,
+            incarnation: self.incarnation(),
         };
         if let Err(e) = self.propose(leave).await {
             tracing::warn!(error = %e, "could not record leaving the cluster; peers will time out");

@@ -230,6 +230,9 @@ pub enum LocalAction {
     StopResources {
         volume: String,
     },
+    /// The cluster ended this node's life (declared it dead while it was cut off): start a
+    /// new incarnation — a new reservation key on shared devices — before joining again.
+    Rejoin,
     /// Fence `victim`'s lost life on `volume` (preempt its reservation key when the volume
     /// has shared devices), then propose `Fenced`.
     Fence {
@@ -250,15 +253,13 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
         .get(&me)
         .is_some_and(|m| m.up && m.incarnation == view.incarnation);
     if !registered {
-        if state.members.contains_key(&me) && view.quorate {
-            out.push(LocalAction::Propose {
-                command: Command::Join {
-                    node: me,
-                    incarnation: view.incarnation,
-                },
-            });
-        }
-        // Until this life is in the log, nothing local may be primary.
+        // This life ended if the log holds it (or a later one) as down.
+        let ended = state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.incarnation >= view.incarnation);
+        // Until this life is in the log, nothing local may be primary: step down first,
+        // then (re)join.
         for (name, replica) in view.replicas {
             if replica.resources_running {
                 out.push(LocalAction::StopResources {
@@ -270,6 +271,16 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                     volume: name.clone(),
                 });
             }
+        }
+        if ended && view.quorate {
+            out.push(LocalAction::Rejoin);
+        } else if state.members.contains_key(&me) && view.quorate {
+            out.push(LocalAction::Propose {
+                command: Command::Join {
+                    node: me,
+                    incarnation: view.incarnation,
+                },
+            });
         }
         return out;
     }
@@ -576,22 +587,17 @@ mod tests {
             incarnation: INC,
         });
         let actions = local(&s, true);
-        // A's old life is not in the log any more: stop, demote, rejoin.
+        // A's old life was ended by the cluster: stop, demote, then start a new life.
         assert_eq!(
             actions,
             vec![
-                LocalAction::Propose {
-                    command: Command::Join {
-                        node: A,
-                        incarnation: INC
-                    }
-                },
                 LocalAction::StopResources {
                     volume: "vol0".into()
                 },
                 LocalAction::DemoteReplica {
                     volume: "vol0".into()
                 },
+                LocalAction::Rejoin,
             ]
         );
     }

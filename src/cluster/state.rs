@@ -700,12 +700,23 @@ mod tests {
             vol.pending_fence.as_ref().map(|p| p.victim_incarnation),
             Some(Incarnation(1))
         );
+        let epoch = s.epoch;
         assert!(
-            !s.apply(&Command::Join {
+            s.apply(&Command::Join {
                 node: A,
                 incarnation: Incarnation(2)
             })
-            .is_applied()
+            .is_applied(),
+            "a repeated join is idempotent"
+        );
+        assert_eq!(s.epoch, epoch, "a repeated join changes nothing");
+        assert!(
+            !s.apply(&Command::Join {
+                node: A,
+                incarnation: Incarnation(1)
+            })
+            .is_applied(),
+            "an older life is refused"
         );
     }
 

@@ -1,0 +1,975 @@
+//! Seeded, deterministic simulation of the cluster protocol.
+//!
+//! One `u64` seed drives everything: crashes, restarts, partitions, the write workload and
+//! the virtual clock. The simulated cluster runs the real cores — [`Detector`],
+//! [`ClusterState`] (the cluster log's state machine), [`leader_decisions`] and
+//! [`local_actions`] — and the real SPC-4 reservation emulator of `tandem-fence` for a
+//! volume on a shared LU. What is modelled: the network (links up or down), the consensus
+//! log (a proposal commits iff its proposer is in the partition that holds a majority —
+//! the guarantee raft gives), and replicas (protocol C: a write is acknowledged when both
+//! replicas hold it, or after the peer was recorded Outdated).
+//!
+//! Invariants, checked after every step:
+//! - at most one primary per volume per epoch, and never two writers: no write lands from
+//!   a node while the log names another node primary;
+//! - no acknowledged write is lost: a promoted replica holds every acknowledged write;
+//! - a fenced node's write never lands on the shared LU;
+//! - the log's own invariants ([`ClusterState::check_invariants`]).
+//!
+//! Then liveness: everything heals, and within a bounded time every volume has a primary
+//! holding all acknowledged writes and the replicas are identical.
+//!
+//! A failure names its seed; `TANDEM_SEED=n` replays it.
+
+use super::detector::Detector;
+use super::orchestrator::{
+    DiskState, LeaderView, LocalAction, LocalView, NodeReport, ReplicaReport, ReplicaRole,
+    leader_decisions, local_actions,
+};
+use super::state::{ClusterState, Command, FenceLogEntry, FenceMethod, Outcome};
+use super::types::{Epoch, Incarnation, Millis, NodeId};
+use std::collections::{BTreeMap, BTreeSet};
+use tandem_fence::PrKey;
+use tandem_fence::emulator::{Access, Emulator, NexusId, NexusInfo};
+use tandem_fence::pr::PrOutCommand;
+use tandem_fence::pr::ReservationType;
+
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+const W: NodeId = NodeId(3);
+const NODES: [NodeId; 3] = [A, B, W];
+const DATA: [NodeId; 2] = [A, B];
+/// The replicated volume.
+const REPLICATED: &str = "vol0";
+/// The volume on a shared LU, fenced with reservations.
+const SHARED: &str = "shared0";
+const STEP_MS: u64 = 10;
+const HEARTBEAT_MS: u64 = 50;
+const FAILURE_TIMEOUT_MS: u64 = 400;
+const LEASE_MS: u64 = 250;
+const BLOCKS: u32 = 16;
+/// Steps a resync takes.
+const SYNC_STEPS: u32 = 5;
+
+/// A small deterministic PRNG (SplitMix64): the simulation needs no crate for it.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// True with probability `per_mille`/1000.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.next_u64() % 1000 < per_mille
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Replica {
+    role: ReplicaRole,
+    disk: DiskState,
+    epoch: Epoch,
+    suspended: bool,
+    connected: bool,
+    /// Steps left in a running resync (as target).
+    syncing: Option<u32>,
+    /// block → value (values grow, so "newer" is ">").
+    data: BTreeMap<u32, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct SimNode {
+    alive: bool,
+    incarnation: Incarnation,
+    detector: Detector,
+    /// The log as this node last learned it.
+    known: ClusterState,
+    replicas: BTreeMap<String, Replica>,
+    resources: BTreeSet<String>,
+    /// Heartbeat reports received from peers.
+    reports: BTreeMap<NodeId, NodeReport>,
+    nexus: Option<NexusId>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimReport {
+    pub seed: u64,
+    pub steps: u64,
+    pub acked_writes: u64,
+    pub refused_writes: u64,
+    pub failovers: u64,
+    pub fencings: usize,
+    pub crashes: u64,
+    pub partitions: u64,
+}
+
+/// An invariant broke: the seed, the step and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("seed {seed}, step {step} (t={time_ms} ms): {message}\nreplay with TANDEM_SEED={seed}")]
+pub struct SimFailure {
+    pub seed: u64,
+    pub step: u64,
+    pub time_ms: u64,
+    pub message: String,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: Millis,
+    step: u64,
+    nodes: BTreeMap<NodeId, SimNode>,
+    /// Links that are down, as ordered pairs (low, high).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    /// The committed log.
+    log: ClusterState,
+    /// Highest acknowledged value per block of the replicated volume.
+    acked: BTreeMap<u32, u64>,
+    next_value: u64,
+    lu: Emulator,
+    report: SimReport,
+    /// Recent happenings, shown when an invariant breaks.
+    trace: std::collections::VecDeque<String>,
+}
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a < b { (a, b) } else { (b, a) }
+}
+
+fn key_of(node: NodeId, incarnation: Incarnation) -> PrKey {
+    let node = u16::try_from(node.0).unwrap_or(u16::MAX);
+    let inc = u32::try_from(incarnation.0).unwrap_or(u32::MAX);
+    PrKey::derive("sim", node, inc)
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut lu = Emulator::new();
+        let mut nodes = BTreeMap::new();
+        for id in NODES {
+            let nexus = DATA
+                .contains(&id)
+                .then(|| lu.add_nexus(NexusInfo::sas(0x5001_4050_0000_0000 | id.0, 1)));
+            let replicas = if DATA.contains(&id) {
+                [REPLICATED, SHARED]
+                    .into_iter()
+                    .map(|v| {
+                        (
+                            v.to_owned(),
+                            Replica {
+                                disk: DiskState::UpToDate,
+                                connected: true,
+                                ..Replica::default()
+                            },
+                        )
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            nodes.insert(
+                id,
+                SimNode {
+                    alive: true,
+                    incarnation: Incarnation(1),
+                    detector: Detector::new(id, &NODES, Millis(0), FAILURE_TIMEOUT_MS, LEASE_MS),
+                    known: ClusterState::default(),
+                    replicas,
+                    resources: BTreeSet::new(),
+                    reports: BTreeMap::new(),
+                    nexus,
+                },
+            );
+        }
+        let mut log = ClusterState::default();
+        log.apply(&Command::Configure {
+            members: NODES.to_vec(),
+            volumes: BTreeMap::from([
+                (REPLICATED.to_owned(), DATA.to_vec()),
+                (SHARED.to_owned(), DATA.to_vec()),
+            ]),
+        });
+        for node in nodes.values_mut() {
+            node.known = log.clone();
+        }
+        let mut world = Self {
+            seed,
+            rng: Rng::new(seed),
+            now: Millis(0),
+            step: 0,
+            nodes,
+            cut: BTreeSet::new(),
+            log,
+            acked: BTreeMap::new(),
+            next_value: 1,
+            lu,
+            report: SimReport {
+                seed,
+                ..SimReport::default()
+            },
+            trace: std::collections::VecDeque::new(),
+        };
+        for id in DATA {
+            world.unfence(id);
+        }
+        world
+    }
+
+    fn fail(&self, message: String) -> SimFailure {
+        let trace: Vec<&str> = self.trace.iter().map(String::as_str).collect();
+        SimFailure {
+            seed: self.seed,
+            step: self.step,
+            time_ms: self.now.0,
+            message: format!("{message}\nlast events:\n  {}", trace.join("\n  ")),
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        self.trace.push_back(format!("t={} {what}", self.now.0));
+        if self.trace.len() > 60 {
+            self.trace.pop_front();
+        }
+    }
+
+    fn linked(&self, a: NodeId, b: NodeId) -> bool {
+        a == b || (self.nodes[&a].alive && self.nodes[&b].alive && !self.cut.contains(&pair(a, b)))
+    }
+
+    /// Nodes in the partition that holds a majority (the raft leader's side), if any.
+    fn majority(&self) -> Option<BTreeSet<NodeId>> {
+        for start in NODES {
+            if !self.nodes[&start].alive {
+                continue;
+            }
+            // Everyone directly linked to `start` (cuts make partitions non-transitive; a
+            // raft leader needs direct links to a majority).
+            let group: BTreeSet<NodeId> = NODES
+                .into_iter()
+                .filter(|n| self.linked(start, *n))
+                .collect();
+            if group.len() * 2 > NODES.len() {
+                return Some(group);
+            }
+        }
+        None
+    }
+
+    /// Commits `command` iff `proposer` can reach a majority; returns the outcome.
+    fn propose(&mut self, proposer: NodeId, command: Command) -> Option<Outcome> {
+        let Some(group) = self.majority().filter(|g| g.contains(&proposer)) else {
+            self.note(format!(
+                "{proposer} cannot commit {command:?} (no majority)"
+            ));
+            return None;
+        };
+        let outcome = self.log.apply(&command);
+        self.note(format!("{proposer} committed {command:?} -> {outcome:?}"));
+        for id in &group {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.known = self.log.clone();
+            }
+        }
+        Some(outcome)
+    }
+
+    /// A node's new life registers its key on the shared LU (and reserves if free).
+    fn unfence(&mut self, id: NodeId) {
+        let node = &self.nodes[&id];
+        let Some(nexus) = node.nexus else { return };
+        let key = key_of(id, node.incarnation);
+        let _ = self
+            .lu
+            .pr_out(nexus, &PrOutCommand::register_and_ignore(key));
+        if self.lu.reservation().is_none() {
+            let _ = self.lu.pr_out(
+                nexus,
+                &PrOutCommand::reserve(key, ReservationType::WriteExclusiveRegistrantsOnly),
+            );
+        }
+    }
+
+    fn report_of(&self, id: NodeId) -> NodeReport {
+        let node = &self.nodes[&id];
+        NodeReport {
+            incarnation: node.incarnation,
+            quorate: node.detector.quorate(self.now),
+            volumes: node
+                .replicas
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        ReplicaReport {
+                            disk: if r.syncing.is_some() {
+                                DiskState::Inconsistent
+                            } else {
+                                r.disk
+                            },
+                            role: r.role,
+                            connected: r.connected,
+                            syncing: r.syncing.is_some(),
+                            suspended: r.suspended,
+                            epoch: r.epoch,
+                            out_of_sync_bytes: 0,
+                            resources_running: node.resources.contains(name),
+                            sync: None,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn inject_faults(&mut self) {
+        let rng = &mut self.rng;
+        if rng.chance(4) {
+            let victim = NODES[usize::try_from(rng.below(3)).unwrap_or(0)];
+            if self.nodes[&victim].alive {
+                self.crash(victim);
+            }
+        }
+        if self.rng.chance(20) {
+            let dead: Vec<NodeId> = NODES.into_iter().filter(|n| !self.nodes[n].alive).collect();
+            if let Some(&id) =
+                dead.get(usize::try_from(self.rng.below(dead.len() as u64)).unwrap_or(0))
+            {
+                self.restart(id);
+            }
+        }
+        if self.rng.chance(4) {
+            let a = NODES[usize::try_from(self.rng.below(3)).unwrap_or(0)];
+            let b = NODES[usize::try_from(self.rng.below(3)).unwrap_or(0)];
+            if a != b {
+                self.cut.insert(pair(a, b));
+                self.report.partitions += 1;
+            }
+        }
+        if self.rng.chance(15) {
+            self.cut.clear();
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        self.report.crashes += 1;
+        self.note(format!("crash {id}"));
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.alive = false;
+        node.resources.clear();
+        node.reports.clear();
+        for replica in node.replicas.values_mut() {
+            // What is on disk stays; everything in memory goes.
+            replica.role = ReplicaRole::Secondary;
+            replica.connected = false;
+            replica.suspended = false;
+            if replica.syncing.take().is_some() {
+                replica.disk = DiskState::Inconsistent;
+            }
+        }
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        self.note(format!("restart {id}"));
+        let now = self.now;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.alive = true;
+        node.incarnation = Incarnation(node.incarnation.0 + 1);
+        node.detector = Detector::new(id, &NODES, now, FAILURE_TIMEOUT_MS, LEASE_MS);
+        self.unfence(id);
+    }
+
+    fn heartbeats(&mut self) {
+        if !self.now.0.is_multiple_of(HEARTBEAT_MS) {
+            return;
+        }
+        let reports: BTreeMap<NodeId, NodeReport> = NODES
+            .into_iter()
+            .filter(|n| self.nodes[n].alive)
+            .map(|n| (n, self.report_of(n)))
+            .collect();
+        for from in NODES {
+            for to in NODES {
+                if from == to || !self.linked(from, to) {
+                    continue;
+                }
+                let (inc, report) = (self.nodes[&from].incarnation, reports[&from].clone());
+                let now = self.now;
+                let node = self.nodes.get_mut(&to).expect("known node");
+                node.detector.heard(from, inc, now);
+                node.reports.insert(from, report);
+            }
+        }
+    }
+
+    fn lead(&mut self) {
+        let Some(group) = self.majority() else { return };
+        // The leader: the lowest id of the majority side (any choice is safe).
+        let Some(&leader) = group.iter().next() else {
+            return;
+        };
+        let node = &self.nodes[&leader];
+        let alive = node.detector.alive(self.now);
+        let dead = node.detector.dead(self.now);
+        let mut reports = node.reports.clone();
+        reports.insert(leader, self.report_of(leader));
+        let decisions = leader_decisions(LeaderView {
+            now: self.now,
+            state: &self.log,
+            alive: &alive,
+            dead: &dead,
+            reports: &reports,
+        });
+        for command in decisions {
+            self.propose(leader, command);
+        }
+    }
+
+    fn act(&mut self, id: NodeId) -> Result<(), SimFailure> {
+        if !self.nodes[&id].alive {
+            return Ok(());
+        }
+        let node = &self.nodes[&id];
+        let quorate = node.detector.quorate(self.now);
+        let replicas: BTreeMap<String, ReplicaReport> = self.report_of(id).volumes;
+        let shared = BTreeSet::from([SHARED.to_owned()]);
+        let actions = local_actions(LocalView {
+            me: id,
+            incarnation: node.incarnation,
+            now: self.now,
+            quorate,
+            state: &node.known,
+            replicas: &replicas,
+            reports: &node.reports,
+            shared: &shared,
+            fencing: &BTreeSet::new(),
+        });
+        for action in actions {
+            if !self.carry_out(id, action)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one local action; false stops the rest of the list (like the shell).
+    fn carry_out(&mut self, id: NodeId, action: LocalAction) -> Result<bool, SimFailure> {
+        if !matches!(action, LocalAction::Propose { .. }) {
+            self.note(format!("{id} does {action:?}"));
+        }
+        match action {
+            LocalAction::Rejoin => {
+                let node = self.nodes.get_mut(&id).expect("node");
+                node.incarnation = Incarnation(node.incarnation.0 + 1);
+                self.unfence(id);
+                Ok(true)
+            }
+            LocalAction::Propose { command } => {
+                Ok(matches!(self.propose(id, command), Some(Outcome::Applied)))
+            }
+            LocalAction::PromoteReplica { volume, epoch } => {
+                let replica = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                    .expect("replica");
+                replica.role = ReplicaRole::Primary;
+                replica.epoch = epoch;
+                replica.suspended = false;
+                if volume == REPLICATED {
+                    let lost: Vec<(u32, u64, Option<u64>)> = self
+                        .acked
+                        .iter()
+                        .filter(|(b, v)| replica.data.get(b).is_none_or(|have| have < *v))
+                        .map(|(b, v)| (*b, *v, replica.data.get(b).copied()))
+                        .collect();
+                    if !lost.is_empty() {
+                        return Err(self.fail(format!(
+                            "node {id} promoted at epoch {epoch} without acknowledged writes (block, acked, has): {lost:?}"
+                        )));
+                    }
+                }
+                Ok(true)
+            }
+            LocalAction::DemoteReplica { volume } => {
+                let replica = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                    .expect("replica");
+                replica.role = ReplicaRole::Secondary;
+                Ok(true)
+            }
+            LocalAction::SetEpoch { volume, epoch } => {
+                let replica = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                    .expect("replica");
+                if replica.epoch != epoch {
+                    replica.epoch = epoch;
+                    // A new epoch: the peer connection is renegotiated.
+                    replica.connected = false;
+                }
+                Ok(true)
+            }
+            LocalAction::Suspend { volume } => {
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                {
+                    r.suspended = true;
+                }
+                Ok(true)
+            }
+            LocalAction::Resume { volume } => {
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                {
+                    r.suspended = false;
+                }
+                Ok(true)
+            }
+            LocalAction::StartResources { volume } => {
+                self.nodes
+                    .get_mut(&id)
+                    .expect("node")
+                    .resources
+                    .insert(volume);
+                Ok(true)
+            }
+            LocalAction::StopResources { volume } => {
+                self.nodes
+                    .get_mut(&id)
+                    .expect("node")
+                    .resources
+                    .remove(&volume);
+                Ok(true)
+            }
+            LocalAction::Fence {
+                volume,
+                victim,
+                victim_incarnation,
+                reservation,
+            } => {
+                let method = if reservation {
+                    let nexus = self.nodes[&id].nexus.expect("data node has a nexus");
+                    let own = key_of(id, self.nodes[&id].incarnation);
+                    let victim_key = key_of(victim, victim_incarnation);
+                    let cmd = PrOutCommand::preempt(
+                        own,
+                        victim_key,
+                        ReservationType::WriteExclusiveRegistrantsOnly,
+                    );
+                    if self.lu.pr_out(nexus, &cmd).is_err() {
+                        // The victim's key may be gone already (fenced before); check.
+                        let still = self.lu.registrations().iter().any(|r| r.key == victim_key);
+                        if still {
+                            return Ok(false);
+                        }
+                    }
+                    if self.lu.registrations().iter().any(|r| r.key == victim_key) {
+                        return Err(
+                            self.fail(format!("preempting {victim_key:?} left it registered"))
+                        );
+                    }
+                    FenceMethod::Reservation {
+                        detail: format!("preempted {victim_key:?}"),
+                    }
+                } else {
+                    FenceMethod::Epoch
+                };
+                let volume_epoch = self
+                    .log
+                    .volumes
+                    .get(&volume)
+                    .map(|v| v.epoch)
+                    .unwrap_or_default();
+                let entry = FenceLogEntry {
+                    volume,
+                    victim,
+                    victim_incarnation,
+                    by: id,
+                    method,
+                    at: self.now,
+                    volume_epoch,
+                };
+                Ok(matches!(
+                    self.propose(id, Command::Fenced { entry }),
+                    Some(Outcome::Applied)
+                ))
+            }
+        }
+    }
+
+    /// Replication links: connect, resync, disconnect.
+    fn replicate(&mut self) {
+        let (a_ok, b_ok) = (self.nodes[&A].alive, self.nodes[&B].alive);
+        let link = self.linked(A, B);
+        let ra = self.nodes[&A].replicas[REPLICATED].clone();
+        let rb = self.nodes[&B].replicas[REPLICATED].clone();
+        let can_connect = a_ok && b_ok && link && ra.epoch == rb.epoch;
+        if !can_connect {
+            for id in DATA {
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(REPLICATED))
+                {
+                    r.connected = false;
+                    if r.syncing.take().is_some() {
+                        r.disk = DiskState::Inconsistent;
+                    }
+                }
+            }
+            return;
+        }
+        // Exactly one side may be the source: the primary (two primaries never connect).
+        let source = match (ra.role, rb.role) {
+            (ReplicaRole::Primary, ReplicaRole::Secondary) => Some((A, B)),
+            (ReplicaRole::Secondary, ReplicaRole::Primary) => Some((B, A)),
+            _ => None,
+        };
+        let Some((src, dst)) = source else {
+            for id in DATA {
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(REPLICATED))
+                {
+                    r.connected = false;
+                }
+            }
+            return;
+        };
+        let src_data = self.nodes[&src].replicas[REPLICATED].data.clone();
+        let dst_replica = self
+            .nodes
+            .get_mut(&dst)
+            .and_then(|n| n.replicas.get_mut(REPLICATED))
+            .expect("replica");
+        if !dst_replica.connected {
+            dst_replica.connected = true;
+            if dst_replica.data != src_data {
+                dst_replica.syncing = Some(SYNC_STEPS);
+            }
+        }
+        if let Some(left) = dst_replica.syncing {
+            if left == 0 {
+                dst_replica.data = src_data;
+                dst_replica.syncing = None;
+                dst_replica.disk = DiskState::UpToDate;
+            } else {
+                dst_replica.syncing = Some(left - 1);
+            }
+        }
+        let synced = dst_replica.syncing.is_none();
+        if let Some(r) = self
+            .nodes
+            .get_mut(&src)
+            .and_then(|n| n.replicas.get_mut(REPLICATED))
+        {
+            r.connected = true;
+            let _ = synced;
+        }
+    }
+
+    /// The application writes through whichever node claims to be primary (possibly stale).
+    fn workload(&mut self, faults: bool) -> Result<(), SimFailure> {
+        for volume in [REPLICATED, SHARED] {
+            if !self.rng.chance(300) {
+                continue;
+            }
+            let claimants: Vec<NodeId> = DATA
+                .into_iter()
+                .filter(|n| {
+                    let node = &self.nodes[n];
+                    node.alive
+                        && node.replicas[volume].role == ReplicaRole::Primary
+                        && !node.replicas[volume].suspended
+                })
+                .collect();
+            let Some(&writer) =
+                claimants.get(usize::try_from(self.rng.below(claimants.len() as u64)).unwrap_or(0))
+            else {
+                continue;
+            };
+            if volume == SHARED {
+                self.write_shared(writer)?;
+            } else {
+                self.write_replicated(writer, faults)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_shared(&mut self, writer: NodeId) -> Result<(), SimFailure> {
+        let nexus = self.nodes[&writer].nexus.expect("data node has a nexus");
+        let inc = self.nodes[&writer].incarnation;
+        if self.lu.data_command(nexus, Access::Write).is_ok() {
+            let fenced =
+                self.log.fencing.iter().any(|f| {
+                    f.volume == SHARED && f.victim == writer && f.victim_incarnation == inc
+                });
+            if fenced {
+                return Err(self.fail(format!(
+                    "fenced node {writer} (incarnation {inc}) wrote to the shared LU"
+                )));
+            }
+            // Between a primary's loss and its fencing nobody else may be primary; a stale
+            // primary's write in that window is harmless. A write while another node is
+            // primary is two writers.
+            if let Some(primary) = self.log.volumes[SHARED].primary
+                && primary != writer
+            {
+                return Err(self.fail(format!(
+                    "node {writer} wrote to the shared LU while node {primary} is primary"
+                )));
+            }
+            self.report.acked_writes += 1;
+        } else {
+            // RESERVATION CONFLICT: the node notices it was fenced and stops (self-fence).
+            self.report.refused_writes += 1;
+            if let Some(r) = self
+                .nodes
+                .get_mut(&writer)
+                .and_then(|n| n.replicas.get_mut(SHARED))
+            {
+                r.suspended = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_replicated(&mut self, writer: NodeId, faults: bool) -> Result<(), SimFailure> {
+        let peer = if writer == A { B } else { A };
+        let block = u32::try_from(self.rng.below(u64::from(BLOCKS))).unwrap_or(0);
+        let value = self.next_value;
+        self.next_value += 1;
+        let peer_ok = {
+            let w = &self.nodes[&writer].replicas[REPLICATED];
+            let p = &self.nodes[&peer].replicas[REPLICATED];
+            w.connected && p.connected && self.linked(writer, peer)
+        };
+        if !peer_ok {
+            // Without its peer the primary must first record the peer Outdated.
+            let epoch = self.nodes[&writer].replicas[REPLICATED].epoch;
+            let outdate = Command::Outdate {
+                volume: REPLICATED.into(),
+                victim: peer,
+                by: writer,
+                expect: epoch,
+            };
+            let recorded = self.log.volumes[REPLICATED].outdated.contains(&peer)
+                && self.log.volumes[REPLICATED].primary == Some(writer)
+                && self.log.volumes[REPLICATED].epoch == epoch
+                && self.majority().is_some_and(|g| g.contains(&writer));
+            if !recorded && !matches!(self.propose(writer, outdate), Some(Outcome::Applied)) {
+                self.report.refused_writes += 1;
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&writer)
+                    .and_then(|n| n.replicas.get_mut(REPLICATED))
+                {
+                    r.suspended = true;
+                }
+                return Ok(());
+            }
+        }
+        if let Some(primary) = self.log.volumes[REPLICATED].primary
+            && primary != writer
+        {
+            return Err(self.fail(format!(
+                "node {writer} acknowledges writes to {REPLICATED} while node {primary} is primary"
+            )));
+        }
+        // A crash in the middle of a write: it reaches one side, nobody acknowledges it.
+        let crash_mid_write = faults && self.rng.chance(20);
+        if let Some(r) = self
+            .nodes
+            .get_mut(&writer)
+            .and_then(|n| n.replicas.get_mut(REPLICATED))
+        {
+            r.data.insert(block, value);
+        }
+        if crash_mid_write {
+            self.crash(writer);
+            return Ok(());
+        }
+        if peer_ok
+            && let Some(r) = self
+                .nodes
+                .get_mut(&peer)
+                .and_then(|n| n.replicas.get_mut(REPLICATED))
+        {
+            r.data.insert(block, value);
+        }
+        self.acked.insert(block, value);
+        self.report.acked_writes += 1;
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), SimFailure> {
+        self.log
+            .check_invariants()
+            .map_err(|e| self.fail(format!("log invariant: {e}")))?;
+        self.lu.check_invariants();
+        for volume in [REPLICATED, SHARED] {
+            let mut by_epoch: BTreeMap<Epoch, Vec<NodeId>> = BTreeMap::new();
+            for id in DATA {
+                let node = &self.nodes[&id];
+                let r = &node.replicas[volume];
+                if node.alive && r.role == ReplicaRole::Primary && !r.suspended {
+                    by_epoch.entry(r.epoch).or_default().push(id);
+                }
+            }
+            for (epoch, primaries) in by_epoch {
+                if primaries.len() > 1 {
+                    return Err(self.fail(format!(
+                        "two primaries of {volume} at epoch {epoch}: {primaries:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn step_once(&mut self, faults: bool) -> Result<(), SimFailure> {
+        self.step += 1;
+        self.now = self.now.plus(STEP_MS);
+        if faults {
+            self.inject_faults();
+        }
+        self.heartbeats();
+        // Raft replicates the log to every follower the leader reaches.
+        if let Some(group) = self.majority() {
+            for id in group {
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.known = self.log.clone();
+                }
+            }
+        }
+        self.lead();
+        for id in NODES {
+            self.act(id)?;
+        }
+        self.replicate();
+        self.workload(faults)?;
+        self.check()
+    }
+}
+
+/// Runs one seeded simulation: `fault_steps` steps with faults, then healing.
+pub fn run(seed: u64, fault_steps: u64) -> Result<SimReport, SimFailure> {
+    let mut world = World::new(seed);
+    for _ in 0..fault_steps {
+        world.step_once(true)?;
+    }
+    // Heal: every node up, every link up, then give the cluster time to settle.
+    world.cut.clear();
+    for id in NODES {
+        if !world.nodes[&id].alive {
+            world.restart(id);
+        }
+    }
+    let settle_steps = 3000 / STEP_MS;
+    for _ in 0..settle_steps {
+        world.step_once(false)?;
+    }
+    let record = &world.log.volumes[REPLICATED];
+    let Some(primary) = record.primary else {
+        return Err(world.fail(format!(
+            "no primary of {REPLICATED} after healing: {record:?}"
+        )));
+    };
+    let primary_data = &world.nodes[&primary].replicas[REPLICATED].data;
+    for (block, value) in &world.acked {
+        if primary_data.get(block).is_none_or(|v| v < value) {
+            return Err(world.fail(format!(
+                "acknowledged write {value} to block {block} missing on primary {primary}"
+            )));
+        }
+    }
+    let (da, db) = (
+        &world.nodes[&A].replicas[REPLICATED].data,
+        &world.nodes[&B].replicas[REPLICATED].data,
+    );
+    if da != db {
+        let (ra, rb) = (
+            &world.nodes[&A].replicas[REPLICATED],
+            &world.nodes[&B].replicas[REPLICATED],
+        );
+        return Err(world.fail(format!(
+            "replicas differ after healing and resync:\nA {ra:?}\nB {rb:?}"
+        )));
+    }
+    if world.log.volumes[SHARED].primary.is_none() {
+        return Err(world.fail(format!("no primary of {SHARED} after healing")));
+    }
+    world.report.steps = world.step;
+    world.report.failovers = world.log.failovers;
+    world.report.fencings = world.log.fencing.len();
+    Ok(world.report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeds() -> Vec<u64> {
+        if let Some(seed) = std::env::var("TANDEM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            return vec![seed];
+        }
+        let count = std::env::var("TANDEM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        (0..count).collect()
+    }
+
+    #[test]
+    fn cluster_protocol_keeps_its_invariants_under_crashes_and_partitions() {
+        let mut totals = SimReport::default();
+        for seed in seeds() {
+            match run(seed, 1500) {
+                Ok(r) => {
+                    totals.acked_writes += r.acked_writes;
+                    totals.failovers += r.failovers;
+                    totals.fencings += r.fencings;
+                    totals.crashes += r.crashes;
+                    totals.partitions += r.partitions;
+                    totals.refused_writes += r.refused_writes;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        eprintln!("simulation totals: {totals:?}");
+        // The runs must have exercised what they claim to check.
+        assert!(
+            totals.failovers > 0 && totals.fencings > 0 && totals.acked_writes > 0,
+            "{totals:?}"
+        );
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_run() {
+        assert_eq!(run(42, 800), run(42, 800));
+    }
+}
