@@ -4,7 +4,9 @@
 //! - `tandemd replica ...` serves one replicated volume without cluster membership
 //!   (roles set by hand, like `drbdsetup` without a cluster manager).
 //! - the cluster node mode (configuration file, membership, failover) — see `tandem::cluster`.
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 /// The tandem daemon.
 #[derive(Debug, Parser)]
@@ -15,9 +17,68 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Mode {}
+enum Mode {
+    /// Run as a cluster node: membership, quorum, volumes, failover.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The cluster configuration (shared by all nodes).
+    #[arg(long, default_value = "/etc/tandem/tandem.toml")]
+    config: PathBuf,
+    /// This node's name in the configuration (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let config = tandem::cluster::Config::load(&args.config)?;
+    let node = match args.node {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("reading the host name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandemd")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let options = tandem::cluster::daemon::DaemonOptions {
+            config,
+            node,
+            drivers: std::collections::BTreeMap::new(),
+            fencer: None,
+            latency: None,
+        };
+        tandem::cluster::daemon::run(options).await
+    })?;
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.mode {}
+    match cli.mode {
+        Mode::Run(args) => run(args),
+    }
 }
