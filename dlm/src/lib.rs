@@ -16,6 +16,8 @@ pub mod error;
 pub mod hash;
 pub mod mode;
 pub mod resource;
+#[cfg(feature = "shell")]
+pub mod shell;
 pub mod types;
 pub mod wire;
 

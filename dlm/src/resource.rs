@@ -160,9 +160,9 @@ impl Resource {
     }
 
     /// Rebuilds a resource on a new master from the locks survivors hold, and recovers the
-    /// value block: from a holder of CW, PR, PW or EX (nobody can have written since it
-    /// was granted), else the highest version among NL/CR holders marked invalid, else
-    /// zero and invalid.
+    /// value block: from a holder of CW, PR, PW or EX with a valid copy (nobody can have
+    /// written since it was granted), else the highest version among the other copies
+    /// marked invalid, else zero and invalid.
     pub fn recovered(locks: Vec<RecoveredLock>) -> Resource {
         let mut res = Resource::new();
         let with_lvb: Vec<&RecoveredLock> = locks
@@ -170,7 +170,9 @@ impl Resource {
             .filter(|l| l.flags.contains(Flags::VALBLK))
             .filter(|l| l.lvb.is_some())
             .collect();
-        let big = with_lvb.iter().find(|l| l.mode >= Mode::CW);
+        let big = with_lvb
+            .iter()
+            .find(|l| l.mode >= Mode::CW && l.lvb.is_some_and(|c| c.valid));
         res.lvb = match big {
             Some(l) => l.lvb.unwrap_or_default(),
             None => match with_lvb.iter().filter_map(|l| l.lvb).max_by_key(|c| c.seq) {

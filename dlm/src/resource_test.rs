@@ -227,5 +227,11 @@ fn recovered_value_block_rules() {
     // An EX holder whose copy was already invalid keeps it invalid.
     let r = Resource::recovered(vec![lock(1, Mode::EX, copy(1, 1, false))]);
     assert!(!r.lvb().valid);
+    // A valid PR copy wins over an invalid PR copy with a higher version.
+    let r = Resource::recovered(vec![
+        lock(1, Mode::PR, copy(8, 8, false)),
+        lock(2, Mode::PR, copy(4, 4, true)),
+    ]);
+    assert_eq!(r.lvb(), copy(4, 4, true).unwrap());
     r.check().unwrap();
 }

@@ -155,7 +155,11 @@ impl Dlm {
                         // (invalid if it never read one).
                         let mut copy = None;
                         if flags.contains(Flags::VALBLK) {
+                            // The copy is current only if the last grant read it and the
+                            // lock stayed at CW or above since (no writer could run).
+                            let current = l.flags.contains(Flags::VALBLK) && g >= Mode::CW;
                             let mut c = l.lvb.unwrap_or_default();
+                            c.valid &= current;
                             if Mode::lvb_op(Some(g), mode) == LvbOp::Write
                                 && let Some(v) = lvb
                             {
@@ -173,11 +177,13 @@ impl Dlm {
                             },
                         );
                     } else {
-                        // The dead master may have demoted it to NL while it waited.
+                        // The dead master may have granted the conversion, or demoted
+                        // the lock to NL (CONVDEADLK) while it waited: keep only what
+                        // every outcome allows.
                         let left = if flags.contains(Flags::CONVDEADLK) {
                             Mode::NL
                         } else {
-                            g
+                            g.meet(mode)
                         };
                         if cancel {
                             self.finish_op(

@@ -678,9 +678,10 @@ impl World {
                 if matches!(op, ClientOp::Request { .. }) && c.mode.is_some() {
                     return Err(format!("failed request left a mode: {c:?}"));
                 }
-                if let (ClientOp::Convert { .. }, Some(m), Some(h)) = (&op, c.mode, lock.held)
+                if let (ClientOp::Convert { mode, .. }, Some(m), Some(h)) = (&op, c.mode, lock.held)
                     && m != h
                     && m != Mode::NL
+                    && m != h.meet(*mode)
                 {
                     return Err(format!("failed conversion changed the mode {h} to {m}"));
                 }
