@@ -173,6 +173,10 @@ pub struct VolumeConfig {
     /// Shared devices (SAN/iSCSI LUN paths) per node, fenced with persistent reservations.
     #[serde(default)]
     pub shared_devices: Option<PerNode<Vec<String>>>,
+    /// How a lost node's reservation is taken away: `preempt-and-abort` (default; falls
+    /// back to plain PREEMPT where the target refuses it) or `preempt` (LIO tcm_loop).
+    #[serde(default)]
+    pub preempt: tandem_fence::policy::PreemptFlavour,
     /// Resources started in order on the primary, stopped in reverse.
     #[serde(rename = "resource", default)]
     pub resources: Vec<ResourceConfig>,

@@ -3,6 +3,7 @@
 
 use super::config::Config;
 use super::control;
+use super::fencing::ReservationFencer;
 use super::metrics::{self, LatencyHistogram};
 use super::node::{Fencer, Node, NodeError, NodeOptions};
 use super::volume::VolumeDriver;
@@ -18,7 +19,8 @@ pub struct DaemonOptions {
     pub config: Config,
     pub node: String,
     pub drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
-    pub fencer: Option<Arc<dyn Fencer>>,
+    /// Reservation fencing for volumes on shared devices.
+    pub fencer: Option<Arc<ReservationFencer>>,
     pub latency: Option<LatencySource>,
 }
 
@@ -46,13 +48,30 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     } = options;
     let metrics_address = config.node_by_name(&name).and_then(|n| n.metrics);
     let control_path = config.control_socket(&name);
+    let self_check_period = Duration::from_millis(config.cluster.quorum_lease_ms);
     let node = Node::start(NodeOptions {
         config,
         node: name.clone(),
         drivers,
-        fencer,
+        fencer: fencer.clone().map(|f| f as Arc<dyn Fencer>),
     })
     .await?;
+    // The self-check: if our key disappears from a shared device we were fenced — stop
+    // writing there at once, before anything else.
+    let mut self_checks = Vec::new();
+    if let Some(fencer) = &fencer {
+        let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let lost = Arc::new(move |volume: &str| {
+            let _ = lost_tx.send(volume.to_owned());
+        });
+        self_checks = fencer.self_check(node.incarnation(), self_check_period, lost);
+        let fenced_node = node.clone();
+        tokio::spawn(async move {
+            while let Some(volume) = lost_rx.recv().await {
+                fenced_node.lost_reservation(&volume).await;
+            }
+        });
+    }
     let span = tracing::info_span!("node", node = %name, node_id = %node.id(), incarnation = %node.incarnation());
     let _guard = span.enter();
 
@@ -114,6 +133,9 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    for task in self_checks {
+        task.stop();
+    }
     node.shutdown().await;
     Ok(())
 }

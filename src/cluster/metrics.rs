@@ -268,4 +268,61 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
     }
+
+    #[test]
+    fn every_metric_the_dashboard_queries_is_exported() {
+        let dashboard = include_str!("../../dist/grafana-dashboard.json");
+        let status = ClusterStatus {
+            cluster: "c".into(),
+            node: "n".into(),
+            node_id: NodeId(1),
+            incarnation: Incarnation(1),
+            leader: None,
+            quorate: true,
+            membership_epoch: Epoch(1),
+            nodes: vec![NodeStatus {
+                id: NodeId(1),
+                name: "n".into(),
+                role: NodeRole::Data,
+                up: true,
+                alive: true,
+                incarnation: Incarnation(1),
+                silence_ms: Some(0),
+                leader: true,
+            }],
+            volumes: vec![VolumeStatus {
+                name: "v".into(),
+                primary: Some("n".into()),
+                epoch: Epoch(1),
+                pending_fence: None,
+                switchover_to: None,
+                replicas: vec![ReplicaStatus {
+                    node: "n".into(),
+                    outdated: false,
+                    report: Some(ReplicaReport::default()),
+                }],
+            }],
+            fencing: vec![],
+            failovers: 0,
+            switchovers: 0,
+            fence_operations: 0,
+        };
+        let hist = LatencyHistogram {
+            buckets: vec![(0.001, 1)],
+            sum_seconds: 0.001,
+            count: 1,
+        };
+        let text = render(&status, &[("v".into(), hist)]);
+        let mut checked = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("tandem_") && word.len() > "tandem_".len() {
+                assert!(
+                    text.contains(word),
+                    "the dashboard queries {word}, which tandemd does not export"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} metric references found");
+    }
 }

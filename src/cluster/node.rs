@@ -289,6 +289,13 @@ impl Node {
             stopping,
         });
         let node = Node { inner };
+        if let Some(fencer) = &node.inner.fencer {
+            // Register this life's key on the shared devices before joining: a node that
+            // cannot write to them must not become their primary.
+            if let Err(e) = fencer.unfence(incarnation).await {
+                tracing::error!(error = %e, "unfencing failed; shared volumes will not run here");
+            }
+        }
         node.event(EventKind::Started { incarnation });
         tracing::info!(node = %node.inner.name, node_id = %me, %incarnation, "node started");
 
@@ -1010,6 +1017,29 @@ impl Node {
         let _ = self.inner.stopping.send(true);
         self.inner.peers.stop();
         let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// This node's reservation key is gone from `volume`'s shared devices: it has been
+    /// fenced. Stop writing there at once; the cluster log decides what comes next.
+    pub async fn lost_reservation(&self, volume: &str) {
+        tracing::error!(%volume, "own reservation key is gone: this node was fenced; stopping I/O");
+        for action in [
+            LocalAction::Suspend {
+                volume: volume.to_owned(),
+            },
+            LocalAction::StopResources {
+                volume: volume.to_owned(),
+            },
+            LocalAction::DemoteReplica {
+                volume: volume.to_owned(),
+            },
+        ] {
+            let result = self.carry_out(&action).await;
+            self.event(EventKind::Action {
+                action,
+                error: result.err(),
+            });
+        }
     }
 
     /// Stops this node abruptly, as a crash would: no demotion, no goodbye. Peers find
