@@ -2,6 +2,7 @@
 
 pub mod cluster;
 mod fixture;
+mod lock;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +57,10 @@ pub enum Command {
         /// The file (default: /etc/tandem/tandem.toml).
         file: Option<std::path::PathBuf>,
     },
+    /// Hold a lock-manager lock while a command runs (like flock(1)); exits with its status.
+    Lock(lock::LockArgs),
+    /// The lock manager's locks on this node (table or --json).
+    Locks(lock::LocksArgs),
 }
 
 /// Runs tandemctl with the given arguments; returns the process exit code.
@@ -72,5 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             discard_my_data,
         } => cluster::resolve(&target, &volume, discard_my_data),
         Command::CheckConfig { file } => cluster::check_config(&file.unwrap_or(target.config)),
+        Command::Lock(args) => lock::run_lock(args, target.socket.as_deref()),
+        Command::Locks(args) => lock::run_locks(args, target.socket.as_deref()),
     }
 }

@@ -1,0 +1,139 @@
+//! `tandemctl lock` and `tandemctl locks` against a one-node `tandem-dlmd`.
+//!
+//! Needs the workspace binaries (`cargo build --workspace --bins`, as the test command
+//! does); fails with the reason if they are missing.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tandemctl() -> std::path::PathBuf {
+    tandem_testbed::workspace_binary("tandemctl")
+        .expect("tandemctl must be built (cargo build --workspace --bins)")
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(tandemctl())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
+    let dir = std::env::temp_dir().join(format!("tandem-ctl-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("dlm.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_tandem-dlmd"))
+        .args([
+            "--id",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--socket",
+        ])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !String::from_utf8_lossy(&ctl(&socket, &["locks"]).stdout).contains("(running)") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "tandem-dlmd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The command's exit status comes back.
+    let out = ctl(
+        &socket,
+        &[
+            "lock", "ls", "vol0", "--mode", "ex", "--", "sh", "-c", "exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+
+    // While one holds EX, a NOQUEUE attempt fails with 1 and the lock is listed.
+    let marker = dir.join("holding");
+    let mut holder = Command::new(tandemctl())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["lock", "ls", "vol0", "--mode", "ex", "--", "sh", "-c"])
+        .arg(format!("touch {}; sleep 2", marker.display()))
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "holder never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let busy = ctl(&socket, &["lock", "-n", "ls", "vol0", "--", "true"]);
+    assert_eq!(busy.status.code(), Some(1), "{busy:?}");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("busy"),
+        "{busy:?}"
+    );
+    let json = ctl(&socket, &["locks", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let owned = status["owned"].as_array().unwrap();
+    assert_eq!(owned.len(), 1, "{status}");
+    assert_eq!(owned[0]["name"], "vol0");
+    assert_eq!(owned[0]["granted"], "ex");
+    let table = String::from_utf8(ctl(&socket, &["locks"]).stdout).unwrap();
+    assert!(
+        table.contains("vol0") && table.contains("granted"),
+        "{table}"
+    );
+    // A waiting PR request gets it once the holder's command ends.
+    let t0 = Instant::now();
+    let waited = ctl(
+        &socket,
+        &["lock", "ls", "vol0", "--mode", "pr", "--", "true"],
+    );
+    assert_eq!(waited.status.code(), Some(0), "{waited:?}");
+    assert!(
+        t0.elapsed() > Duration::from_millis(500),
+        "PR was granted while EX was held"
+    );
+    assert!(holder.wait().unwrap().success());
+    // A timeout gives up with 1.
+    let mut holder = Command::new(tandemctl())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["lock", "ls", "vol1", "--", "sleep", "2"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let timed_out = ctl(&socket, &["lock", "-w", "0.3", "ls", "vol1", "--", "true"]);
+    assert_eq!(timed_out.status.code(), Some(1), "{timed_out:?}");
+    holder.wait().unwrap();
+    // Bad input is refused with a message, not a crash.
+    let bad = ctl(
+        &socket,
+        &["lock", "ls", "vol0", "--mode", "zz", "--", "true"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let long = "x".repeat(65);
+    let bad = ctl(&socket, &["lock", "ls", &long, "--", "true"]);
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("1..=64"),
+        "{bad:?}"
+    );
+    // Nothing is left.
+    let status: serde_json::Value =
+        serde_json::from_slice(&ctl(&socket, &["locks", "--json"]).stdout).unwrap();
+    assert!(status["owned"].as_array().unwrap().is_empty(), "{status}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
