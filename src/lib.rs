@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod error;
 pub mod fixture;
 pub mod replication;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod store;
 
 pub use error::{Result, TandemError};

@@ -1,0 +1,339 @@
+//! Picking the sync direction at connect time from generation ids (DRBD's uuid compare).
+//!
+//! Both nodes run [`decide`] with the arguments swapped and must reach mirror-image
+//! answers (one `Source`, the other `Target`), which a property test checks.
+
+use super::types::{Epoch, GenerationIds, NodeId, Role, SplitBrainPolicy};
+
+/// What one side knows about a node at handshake time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SideInfo {
+    pub node_id: NodeId,
+    pub generations: GenerationIds,
+    pub role: Role,
+    pub epoch: Epoch,
+    pub dirty_bits: u64,
+    pub primary_since_ms: u64,
+    pub primary_crashed: bool,
+    pub discard_my_data: bool,
+    pub diskless: bool,
+    /// The disk holds a partial resync (or was never synced): it can only be a target.
+    pub inconsistent: bool,
+}
+
+/// The outcome for "me".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Both hold the same data (or there is nothing to compare).
+    NoSync,
+    /// I send; `full` = every block, else the merged bitmaps.
+    Source { full: bool },
+    /// I receive.
+    Target { full: bool },
+    /// Both changed the data independently and no policy picked a victim.
+    SplitBrain,
+    /// The data sets share no history: refuse.
+    Unrelated,
+}
+
+impl Decision {
+    /// The mirror image (what the peer decides).
+    pub fn mirror(self) -> Self {
+        match self {
+            Decision::Source { full } => Decision::Target { full },
+            Decision::Target { full } => Decision::Source { full },
+            other => other,
+        }
+    }
+}
+
+/// The raw comparison, before split-brain resolution.
+///
+/// `crashed_primary_is_target`: with protocol C the surviving peer holds every
+/// acknowledged write while a crashed primary may have lost unflushed ones from its disk
+/// cache, so the crashed primary's hot extents are synced *from* the peer.
+fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> Decision {
+    let (m, p) = (me.generations, peer.generations);
+    if me.diskless || peer.diskless {
+        return Decision::NoSync;
+    }
+    if me.inconsistent || peer.inconsistent {
+        return match (me.inconsistent, peer.inconsistent) {
+            (true, true) => Decision::NoSync,
+            (true, false) => Decision::Target {
+                full: !(p.bitmap != 0 && p.bitmap == m.current),
+            },
+            _ => Decision::Source {
+                full: !(m.bitmap != 0 && m.bitmap == p.current),
+            },
+        };
+    }
+    if m.current == 0 && p.current == 0 {
+        return Decision::NoSync;
+    }
+    if p.current == 0 {
+        return Decision::Source { full: true };
+    }
+    if m.current == 0 {
+        return Decision::Target { full: true };
+    }
+    if m.current == p.current {
+        // Same generation: only a crashed primary's activity log (or verify) left bits.
+        return match (me.primary_crashed, peer.primary_crashed) {
+            (true, false) if crashed_primary_is_target => Decision::Target { full: false },
+            (false, true) if crashed_primary_is_target => Decision::Source { full: false },
+            (true, false) => Decision::Source { full: false },
+            (false, true) => Decision::Target { full: false },
+            _ if me.dirty_bits == 0 && peer.dirty_bits == 0 => Decision::NoSync,
+            _ => by_tiebreak(me, peer),
+        };
+    }
+    let m_tracks_p = m.bitmap != 0 && m.bitmap == p.current;
+    let p_tracks_m = p.bitmap != 0 && p.bitmap == m.current;
+    match (m_tracks_p, p_tracks_m) {
+        (true, false) => return Decision::Source { full: false },
+        (false, true) => return Decision::Target { full: false },
+        (true, true) => return Decision::SplitBrain,
+        (false, false) => {}
+    }
+    if m.bitmap != 0 && m.bitmap == p.bitmap {
+        return Decision::SplitBrain;
+    }
+    let m_knows_p = m.has_history(p.current);
+    let p_knows_m = p.has_history(m.current);
+    if m_knows_p && !p_knows_m {
+        return Decision::Source { full: true };
+    }
+    if p_knows_m && !m_knows_p {
+        return Decision::Target { full: true };
+    }
+    let shared = [m.bitmap, m.history[0], m.history[1]]
+        .iter()
+        .any(|&g| g != 0 && p.has_history(g));
+    if shared {
+        Decision::SplitBrain
+    } else {
+        Decision::Unrelated
+    }
+}
+
+/// Primary first, then the lower node id, is the source.
+fn by_tiebreak(me: &SideInfo, peer: &SideInfo) -> Decision {
+    let me_first = match (me.role, peer.role) {
+        (Role::Primary, Role::Secondary) => true,
+        (Role::Secondary, Role::Primary) => false,
+        _ => me.node_id < peer.node_id,
+    };
+    if me_first {
+        Decision::Source { full: false }
+    } else {
+        Decision::Target { full: false }
+    }
+}
+
+/// Decides the sync direction for "me", resolving split brain by epoch, by an operator's
+/// `discard-my-data`, or by `policy`.
+pub fn decide(
+    me: &SideInfo,
+    peer: &SideInfo,
+    policy: SplitBrainPolicy,
+    crashed_primary_is_target: bool,
+) -> Decision {
+    let raw = compare(me, peer, crashed_primary_is_target);
+    if raw != Decision::SplitBrain {
+        return raw;
+    }
+    // A node fenced by a newer cluster epoch never wins.
+    if me.epoch != peer.epoch {
+        return if me.epoch < peer.epoch {
+            Decision::Target { full: false }
+        } else {
+            Decision::Source { full: false }
+        };
+    }
+    match (me.discard_my_data, peer.discard_my_data) {
+        (true, false) => return Decision::Target { full: false },
+        (false, true) => return Decision::Source { full: false },
+        (true, true) => return Decision::SplitBrain,
+        (false, false) => {}
+    }
+    match policy {
+        SplitBrainPolicy::Disconnect => Decision::SplitBrain,
+        SplitBrainPolicy::DiscardZeroChanges => match (me.dirty_bits, peer.dirty_bits) {
+            (0, n) if n > 0 => Decision::Target { full: false },
+            (n, 0) if n > 0 => Decision::Source { full: false },
+            _ => Decision::SplitBrain,
+        },
+        SplitBrainPolicy::DiscardYoungerPrimary => {
+            if me.primary_since_ms > peer.primary_since_ms {
+                Decision::Target { full: false }
+            } else if me.primary_since_ms < peer.primary_since_ms {
+                Decision::Source { full: false }
+            } else {
+                Decision::SplitBrain
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn side(node: u32, current: u64, bitmap: u64, history: [u64; 2]) -> SideInfo {
+        SideInfo {
+            node_id: NodeId(node),
+            generations: GenerationIds {
+                current,
+                bitmap,
+                history,
+            },
+            role: Role::Secondary,
+            epoch: Epoch(0),
+            dirty_bits: 0,
+            primary_since_ms: 0,
+            primary_crashed: false,
+            discard_my_data: false,
+            diskless: false,
+            inconsistent: false,
+        }
+    }
+
+    #[test]
+    fn the_classic_cases() {
+        let p = SplitBrainPolicy::Disconnect;
+        // Fresh pair: nothing to do; one side forced primary: full sync.
+        assert_eq!(
+            decide(&side(1, 0, 0, [0; 2]), &side(2, 0, 0, [0; 2]), p, true),
+            Decision::NoSync
+        );
+        assert_eq!(
+            decide(&side(1, 7, 0, [0; 2]), &side(2, 0, 0, [0; 2]), p, true),
+            Decision::Source { full: true }
+        );
+        // Primary wrote alone (7 -> 8, bitmap 7); the peer stayed at 7: bitmap resync.
+        assert_eq!(
+            decide(&side(1, 8, 7, [0; 2]), &side(2, 7, 0, [0; 2]), p, true),
+            Decision::Source { full: false }
+        );
+        // Both wrote alone from 7: split brain.
+        let a = side(1, 8, 7, [0; 2]);
+        let b = side(2, 9, 7, [0; 2]);
+        assert_eq!(decide(&a, &b, p, true), Decision::SplitBrain);
+        // ... resolved by discard-my-data on b.
+        let b_discard = SideInfo {
+            discard_my_data: true,
+            ..b
+        };
+        assert_eq!(
+            decide(&b_discard, &a, p, true),
+            Decision::Target { full: false }
+        );
+        assert_eq!(
+            decide(&a, &b_discard, p, true),
+            Decision::Source { full: false }
+        );
+        // ... by a newer epoch.
+        let b_newer = SideInfo {
+            epoch: Epoch(2),
+            ..b
+        };
+        assert_eq!(
+            decide(&a, &b_newer, p, true),
+            Decision::Target { full: false }
+        );
+        // ... by discard-zero-changes when one side did not write.
+        let a_changed = SideInfo { dirty_bits: 5, ..a };
+        assert_eq!(
+            decide(&a_changed, &b, SplitBrainPolicy::DiscardZeroChanges, true),
+            Decision::Source { full: false }
+        );
+        // Unrelated data is refused.
+        assert_eq!(
+            decide(&side(1, 5, 0, [0; 2]), &side(2, 6, 0, [0; 2]), p, true),
+            Decision::Unrelated
+        );
+        // A crashed primary's activity log is synced from it.
+        let crashed = SideInfo {
+            primary_crashed: true,
+            dirty_bits: 3,
+            ..side(1, 7, 0, [0; 2])
+        };
+        assert_eq!(
+            decide(&crashed, &side(2, 7, 0, [0; 2]), p, true),
+            Decision::Target { full: false },
+            "protocol C: the surviving peer holds every acknowledged write"
+        );
+        assert_eq!(
+            decide(&crashed, &side(2, 7, 0, [0; 2]), p, false),
+            Decision::Source { full: false },
+            "protocols A/B: the crashed primary's hot extents are the reference (DRBD)"
+        );
+        // The peer is older than our bitmap window: full sync.
+        assert_eq!(
+            decide(&side(1, 9, 8, [7, 0]), &side(2, 7, 0, [0; 2]), p, true),
+            Decision::Source { full: true }
+        );
+    }
+
+    fn arb_side(node: u32) -> impl Strategy<Value = SideInfo> {
+        (
+            0u64..5,
+            0u64..5,
+            0u64..5,
+            0u64..5,
+            0u64..3,
+            0u64..3,
+            0u64..3,
+            any::<bool>(),
+            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
+        )
+            .prop_map(
+                move |(
+                    current,
+                    bitmap,
+                    h0,
+                    h1,
+                    epoch,
+                    dirty,
+                    since,
+                    crashed,
+                    discard,
+                    (primary, inconsistent),
+                )| {
+                    SideInfo {
+                        node_id: NodeId(node),
+                        generations: GenerationIds {
+                            current,
+                            bitmap,
+                            history: [h0, h1],
+                        },
+                        role: if primary {
+                            Role::Primary
+                        } else {
+                            Role::Secondary
+                        },
+                        epoch: Epoch(epoch),
+                        dirty_bits: dirty,
+                        primary_since_ms: since,
+                        primary_crashed: crashed,
+                        discard_my_data: discard,
+                        diskless: false,
+                        inconsistent,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn both_sides_reach_mirror_decisions(a in arb_side(1), b in arb_side(2), policy in prop_oneof![
+            Just(SplitBrainPolicy::Disconnect),
+            Just(SplitBrainPolicy::DiscardZeroChanges),
+            Just(SplitBrainPolicy::DiscardYoungerPrimary)], c in any::<bool>()) {
+            prop_assert_eq!(decide(&a, &b, policy, c), decide(&b, &a, policy, c).mirror());
+        }
+    }
+}

@@ -1,0 +1,1166 @@
+//! Seeded simulation of the replication core.
+//!
+//! Two [`Replica`] cores run against simulated disks (with a volatile write cache that a
+//! crash may lose), an ordered but cuttable network, a virtual clock, a small "cluster"
+//! that owns the epoch and the fencing hook, and a random workload. One `u64` seed drives
+//! everything: topology events, faults, latencies and the workload; `TANDEM_SEED=<n>`
+//! replays a failing run. After every step each core's `check_invariants()` runs, and the
+//! invariants in [`invariants`] are checked at crashes, promotions and at the end.
+//!
+//! ```text
+//!  workload ─► primary core ─► actions ─► disk (volatile ─flush─► stable)
+//!                  ▲  │                 └► network (ordered, cuttable) ─► peer core
+//!  clock ticks ────┘  └─ OutdatePeer ─► sim cluster (epoch, who is primary)
+//! ```
+//!
+//! Compiled for tests and with the `sim` feature (for the cluster's own simulation).
+
+pub mod invariants;
+mod oracle;
+
+pub use oracle::Oracle;
+
+use crate::replication::core::Replica;
+use crate::replication::core::{
+    Action, Admin, DataRef, Event, IoTag, MdState, Notice, Persisted, ReplicaConfig, ReqId,
+};
+use crate::replication::types::{
+    ConnState, DiskState, Epoch, FencingPolicy, GenerationIds, NodeId, Protocol, Role, VolumeId,
+};
+use crate::replication::wire::Msg;
+use crate::store::bitmap::Bitmap;
+use crate::store::metadata::MdFlags;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+/// Simulated block size (one token per block).
+pub const BLOCK: u64 = 4096;
+
+/// A small deterministic RNG (splitmix64).
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `percent`%.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The seed for a run: `TANDEM_SEED` if set, else `default`.
+pub fn seed_from_env(default: u64) -> u64 {
+    std::env::var("TANDEM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A disk: stable contents plus a volatile cache of completed, unflushed writes.
+#[derive(Debug, Clone)]
+pub struct SimDisk {
+    stable: Vec<u64>,
+    volatile: BTreeMap<u64, u64>,
+}
+
+impl SimDisk {
+    fn new(blocks: u64) -> Self {
+        Self {
+            stable: vec![0; usize::try_from(blocks).expect("small")],
+            volatile: BTreeMap::new(),
+        }
+    }
+    /// What a read sees.
+    pub fn read(&self, block: u64) -> u64 {
+        self.volatile
+            .get(&block)
+            .copied()
+            .unwrap_or_else(|| self.stable[usize::try_from(block).expect("small")])
+    }
+    /// What survives power loss for sure.
+    pub fn stable(&self, block: u64) -> u64 {
+        self.stable[usize::try_from(block).expect("small")]
+    }
+    fn write(&mut self, block: u64, token: u64) {
+        self.volatile.insert(block, token);
+    }
+    /// A FUA write: durable on completion.
+    fn write_through(&mut self, block: u64, token: u64) {
+        self.volatile.remove(&block);
+        self.stable[usize::try_from(block).expect("small")] = token;
+    }
+    fn flush(&mut self) {
+        for (b, t) in std::mem::take(&mut self.volatile) {
+            self.stable[usize::try_from(b).expect("small")] = t;
+        }
+    }
+    /// Power loss: each cached block independently made it or not.
+    fn crash(&mut self, rng: &mut SimRng) {
+        for (b, t) in std::mem::take(&mut self.volatile) {
+            if rng.chance(50) {
+                self.stable[usize::try_from(b).expect("small")] = t;
+            }
+        }
+    }
+    pub fn blocks(&self) -> u64 {
+        u64::try_from(self.stable.len()).expect("fits")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PersistedMd {
+    md: MdState,
+    bitmap_words: Vec<u64>,
+    al: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+enum LocalOp {
+    Write {
+        offset: u64,
+        tokens: Vec<u64>,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+        digest: bool,
+    },
+    Flush,
+}
+
+#[derive(Debug, Clone)]
+struct Frame {
+    msg: Msg,
+    data: Option<Vec<u64>>,
+    inline: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+enum SimEvent {
+    LocalDone {
+        node: usize,
+        incarnation: u64,
+        tag: IoTag,
+        op: LocalOp,
+    },
+    Deliver {
+        to: usize,
+        link: u64,
+        frame: Frame,
+    },
+    FenceDone {
+        node: usize,
+        incarnation: u64,
+        ok: bool,
+    },
+}
+
+/// One simulated node.
+#[derive(Debug)]
+pub struct SimNode {
+    pub core: Replica,
+    pub disk: SimDisk,
+    pub up: bool,
+    incarnation: u64,
+    md: PersistedMd,
+    app_data: HashMap<ReqId, Vec<u64>>,
+    payloads: HashMap<u64, Vec<u64>>,
+    reads: HashMap<IoTag, Vec<u64>>,
+    connecting: bool,
+    pending_outdate: bool,
+    down_since_ms: u64,
+    pub notices: Vec<Notice>,
+}
+
+/// Knobs of a simulation run.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub steps: u64,
+    pub blocks: u64,
+    pub protocol: Protocol,
+    pub fencing: FencingPolicy,
+    pub checksum_resync: bool,
+    /// Percent chance per step of a crash / a partition change.
+    pub crash_percent: u64,
+    pub partition_percent: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1500,
+            blocks: 256,
+            protocol: Protocol::C,
+            fencing: FencingPolicy::ResourceAndStonith,
+            checksum_resync: false,
+            crash_percent: 1,
+            partition_percent: 2,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub acked_writes: u64,
+    pub failed_writes: u64,
+    pub flushes: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub failovers: u64,
+    pub resyncs: u64,
+    pub end_ms: u64,
+    /// Runs whose end-of-run durability check ran (no double failure happened).
+    pub fully_checked: u64,
+}
+
+/// The simulated world.
+#[derive(Debug)]
+pub struct Sim {
+    pub rng: SimRng,
+    pub now_ms: u64,
+    pub nodes: Vec<SimNode>,
+    cfg: SimConfig,
+    replica_cfg: ReplicaConfig,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: HashMap<usize, SimEvent>,
+    next_event: usize,
+    seq: u64,
+    transport: bool,
+    lossy_link: bool,
+    link: u64,
+    last_delivery: [u64; 2],
+    pub partitioned: bool,
+    next_req: u64,
+    next_payload: u64,
+    next_token: u64,
+    /// The cluster: current epoch and legitimate primary.
+    pub cluster_epoch: u64,
+    pub cluster_primary: Option<usize>,
+    pub oracle: Oracle,
+    /// Set once a crash happened while the survivor held the only good copy.
+    pub unsafe_crash: bool,
+    pub report: SimReport,
+    pending_app: BTreeMap<ReqId, (usize, AppKind)>,
+}
+
+#[derive(Debug, Clone)]
+enum AppKind {
+    Write { offset_block: u64, tokens: Vec<u64> },
+    Flush,
+    Read,
+}
+
+impl Sim {
+    /// Two nodes with identical empty disks at the same generation, node 0 primary and
+    /// both connecting.
+    pub fn new(seed: u64, cfg: SimConfig) -> Self {
+        let size = cfg.blocks * BLOCK;
+        let mut replica_cfg = ReplicaConfig::new(VolumeId::from_name("sim"), NodeId(0), size);
+        replica_cfg.protocol = cfg.protocol;
+        replica_cfg.fencing = cfg.fencing;
+        replica_cfg.block_bytes = BLOCK;
+        replica_cfg.ping_interval_ms = 200;
+        replica_cfg.ping_timeout_ms = 1000;
+        replica_cfg.bitmap_writeback_ms = 500;
+        replica_cfg.resync.request_bytes = 4 * BLOCK;
+        replica_cfg.resync.max_bytes_per_sec = 0;
+        replica_cfg.resync.dynamic = false;
+        replica_cfg.resync.checksum = cfg.checksum_resync;
+        let mut sim = Self {
+            rng: SimRng::new(seed),
+            now_ms: 0,
+            nodes: Vec::new(),
+            cfg: cfg.clone(),
+            replica_cfg,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_event: 0,
+            seq: 0,
+            transport: false,
+            lossy_link: false,
+            link: 0,
+            last_delivery: [0; 2],
+            partitioned: false,
+            next_req: 1,
+            next_payload: 1,
+            next_token: 1,
+            cluster_epoch: 1,
+            cluster_primary: None,
+            oracle: Oracle::new(cfg.blocks),
+            unsafe_crash: false,
+            report: SimReport {
+                seed,
+                ..Default::default()
+            },
+            pending_app: BTreeMap::new(),
+        };
+        for id in 0..2u32 {
+            let md = PersistedMd {
+                md: MdState {
+                    generations: GenerationIds {
+                        current: 0x1000,
+                        ..Default::default()
+                    },
+                    flags: MdFlags {
+                        consistent: true,
+                        ..Default::default()
+                    },
+                    epoch: Epoch(1),
+                    primary_since_ms: 0,
+                },
+                bitmap_words: Bitmap::new(size, 4096).words().to_vec(),
+                al: Vec::new(),
+            };
+            let core = sim.build_core(id, &md);
+            sim.nodes.push(SimNode {
+                core,
+                disk: SimDisk::new(cfg.blocks),
+                up: true,
+                incarnation: 0,
+                md,
+                app_data: HashMap::new(),
+                payloads: HashMap::new(),
+                reads: HashMap::new(),
+                connecting: false,
+                pending_outdate: false,
+                down_since_ms: 0,
+                notices: Vec::new(),
+            });
+        }
+        sim.admin(0, Admin::Promote { force: false });
+        sim.cluster_primary = Some(0);
+        sim.admin(0, Admin::Connect);
+        sim.admin(1, Admin::Connect);
+        sim
+    }
+
+    fn build_core(&mut self, id: u32, md: &PersistedMd) -> Replica {
+        let mut cfg = self.replica_cfg.clone();
+        cfg.node_id = NodeId(id);
+        let mut bitmap = Bitmap::new(cfg.size_bytes, 4096);
+        bitmap.load_words(&md.bitmap_words);
+        bitmap.take_changed_blocks();
+        let persisted = Persisted {
+            md: md.md.clone(),
+            bitmap,
+            al_extents: md.al.clone(),
+            al_extent_bytes: 16 * BLOCK,
+            al_capacity: 4,
+            diskless: false,
+        };
+        let seed = self.rng.next_u64();
+        let (core, actions) = Replica::new(cfg, persisted, seed);
+        // Startup actions only persist the bitmap: apply them directly.
+        let mut md = md.clone();
+        for a in actions {
+            if let Action::PersistBitmap { blocks } = a {
+                apply_bitmap_blocks(&mut md.bitmap_words, &blocks);
+            }
+        }
+        if let Some(node) = self.nodes.get_mut(usize::try_from(id).expect("small")) {
+            node.md = md;
+        }
+        core
+    }
+
+    fn schedule(&mut self, at: u64, ev: SimEvent) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.seq += 1;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((at, self.seq, id)));
+    }
+
+    /// Feeds an admin command to a node.
+    pub fn admin(&mut self, node: usize, cmd: Admin) {
+        self.step_node(node, Event::Admin(cmd));
+    }
+
+    fn step_node(&mut self, node: usize, event: Event) {
+        if !self.nodes[node].up {
+            return;
+        }
+        tracing::trace!(node, now_ms = self.now_ms, ?event, "step");
+        let actions = self.nodes[node].core.step(event);
+        tracing::trace!(node, ?actions, "actions");
+        self.apply(node, actions);
+        if let Err(e) = self.nodes[node].core.check_invariants() {
+            panic!(
+                "seed {}: node {node} invariant violated: {e}",
+                self.report.seed
+            );
+        }
+    }
+
+    fn apply(&mut self, node: usize, actions: Vec<Action>) {
+        for action in actions {
+            self.apply_one(node, action);
+        }
+    }
+
+    fn latency(&mut self) -> u64 {
+        1 + self.rng.below(3)
+    }
+
+    fn apply_one(&mut self, node: usize, action: Action) {
+        let now = self.now_ms;
+        match action {
+            Action::LocalWrite {
+                tag,
+                offset,
+                data,
+                fua,
+                ..
+            } => {
+                let n = &mut self.nodes[node];
+                let tokens = match data {
+                    DataRef::App(req) => n.app_data.get(&req).cloned(),
+                    DataRef::Payload(k) => n.payloads.remove(&k),
+                    DataRef::Read(t) => n.reads.remove(&t),
+                }
+                .unwrap_or_else(|| panic!("node {node}: write data {data:?} missing"));
+                let incarnation = n.incarnation;
+                let at = now + self.latency();
+                self.schedule(
+                    at,
+                    SimEvent::LocalDone {
+                        node,
+                        incarnation,
+                        tag,
+                        op: LocalOp::Write {
+                            offset,
+                            tokens,
+                            fua,
+                        },
+                    },
+                );
+            }
+            Action::LocalTrim {
+                tag, offset, len, ..
+            } => {
+                let incarnation = self.nodes[node].incarnation;
+                let at = now + self.latency();
+                self.schedule(
+                    at,
+                    SimEvent::LocalDone {
+                        node,
+                        incarnation,
+                        tag,
+                        op: LocalOp::Trim { offset, len },
+                    },
+                );
+            }
+            Action::LocalRead {
+                tag,
+                offset,
+                len,
+                digest,
+            } => {
+                let incarnation = self.nodes[node].incarnation;
+                let at = now + self.latency();
+                self.schedule(
+                    at,
+                    SimEvent::LocalDone {
+                        node,
+                        incarnation,
+                        tag,
+                        op: LocalOp::Read {
+                            offset,
+                            len,
+                            digest,
+                        },
+                    },
+                );
+            }
+            Action::LocalFlush { tag } => {
+                let incarnation = self.nodes[node].incarnation;
+                let at = now + self.latency();
+                self.schedule(
+                    at,
+                    SimEvent::LocalDone {
+                        node,
+                        incarnation,
+                        tag,
+                        op: LocalOp::Flush,
+                    },
+                );
+            }
+            Action::Send { msg, data } => {
+                let n = &mut self.nodes[node];
+                let data = data.map(|d| match d {
+                    DataRef::App(req) => n.app_data.get(&req).cloned().unwrap_or_default(),
+                    DataRef::Read(t) => n.reads.remove(&t).unwrap_or_default(),
+                    DataRef::Payload(k) => n.payloads.remove(&k).unwrap_or_default(),
+                });
+                self.send_frame(
+                    node,
+                    Frame {
+                        msg,
+                        data,
+                        inline: Vec::new(),
+                    },
+                );
+            }
+            Action::SendBytes { msg, bytes } => self.send_frame(
+                node,
+                Frame {
+                    msg,
+                    data: None,
+                    inline: bytes,
+                },
+            ),
+            Action::Release(d) => {
+                let n = &mut self.nodes[node];
+                match d {
+                    DataRef::App(_) => {}
+                    DataRef::Payload(k) => {
+                        n.payloads.remove(&k);
+                    }
+                    DataRef::Read(t) => {
+                        n.reads.remove(&t);
+                    }
+                }
+            }
+            Action::Complete { req, result } => self.on_complete(node, req, result.is_ok()),
+            Action::Connect => self.nodes[node].connecting = true,
+            Action::Disconnect { .. } => self.tear_down(Some(node)),
+            Action::OutdatePeer => {
+                // The sim cluster: only the legitimate primary may outdate its peer.
+                let peer = 1 - node;
+                let ok = self.cluster_primary == Some(node)
+                    && self.nodes[node].core.md().epoch.0 == self.cluster_epoch;
+                if ok {
+                    // Recorded in the cluster: never promoted until it resynced.
+                    self.nodes[peer].pending_outdate = true;
+                    if self.nodes[peer].up {
+                        self.step_node(peer, Event::Admin(Admin::Outdate));
+                    }
+                }
+                // The hook answers asynchronously, after the current actions ran.
+                let incarnation = self.nodes[node].incarnation;
+                let at = self.now_ms + 1;
+                self.schedule(
+                    at,
+                    SimEvent::FenceDone {
+                        node,
+                        incarnation,
+                        ok,
+                    },
+                );
+            }
+            Action::PersistSuperblock(md) => self.nodes[node].md.md = md,
+            Action::PersistAl { extents } => {
+                let n = &mut self.nodes[node];
+                n.disk.flush();
+                n.md.al = extents;
+            }
+            Action::PersistBitmap { blocks } => {
+                apply_bitmap_blocks(&mut self.nodes[node].md.bitmap_words, &blocks);
+            }
+            Action::Notify(notice) => {
+                if matches!(notice, Notice::SyncFinished { source: true, .. }) {
+                    self.report.resyncs += 1;
+                }
+                if matches!(notice, Notice::SyncFinished { source: false, .. }) {
+                    self.nodes[node].pending_outdate = false;
+                }
+                if matches!(notice, Notice::SplitBrain { .. }) {
+                    panic!(
+                        "seed {}: split brain in a run where the cluster forbids two primaries: {notice:?}",
+                        self.report.seed
+                    );
+                }
+                self.nodes[node].notices.push(notice);
+            }
+            Action::Stopped => {}
+        }
+    }
+
+    fn send_frame(&mut self, from: usize, frame: Frame) {
+        // A link that lost a frame stays dead (TCP never skips a segment): only a new
+        // connection, after the timeouts noticed, carries data again.
+        if !self.transport || self.partitioned || self.lossy_link {
+            return;
+        }
+        let at = self.now_ms + self.latency();
+        let link = self.link;
+        // Keep order (TCP): never deliver before an earlier frame on the same direction.
+        let at = at.max(self.last_delivery[from]);
+        self.last_delivery[from] = at;
+        self.schedule(
+            at,
+            SimEvent::Deliver {
+                to: 1 - from,
+                link,
+                frame,
+            },
+        );
+    }
+
+    fn tear_down(&mut self, initiator: Option<usize>) {
+        if !self.transport {
+            return;
+        }
+        self.transport = false;
+        self.link += 1;
+        // The other side sees the reset right away (before any new connection can form).
+        for n in 0..2 {
+            if Some(n) != initiator {
+                self.step_node(
+                    n,
+                    Event::TransportDown {
+                        reason: "connection reset".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_complete(&mut self, node: usize, req: ReqId, ok: bool) {
+        let Some((_, kind)) = self.pending_app.remove(&req) else {
+            return;
+        };
+        self.nodes[node].app_data.remove(&req);
+        match kind {
+            AppKind::Write {
+                offset_block,
+                tokens,
+            } => {
+                if ok {
+                    self.report.acked_writes += 1;
+                    self.oracle.acked(offset_block, &tokens);
+                } else {
+                    self.report.failed_writes += 1;
+                }
+            }
+            AppKind::Flush => {
+                if ok {
+                    self.report.flushes += 1;
+                    self.oracle.flushed(req);
+                }
+            }
+            AppKind::Read => {
+                self.nodes[node].reads.remove(&IoTag::App(req));
+            }
+        }
+    }
+
+    fn primary(&self) -> Option<usize> {
+        (0..2).find(|&n| self.nodes[n].up && self.nodes[n].core.role() == Role::Primary)
+    }
+
+    fn app_write(&mut self) {
+        let Some(p) = self.primary() else { return };
+        let blocks = 1 + self.rng.below(4);
+        let start = self.rng.below(self.cfg.blocks - blocks + 1);
+        let tokens: Vec<u64> = (0..blocks)
+            .map(|_| {
+                self.next_token += 1;
+                self.next_token
+            })
+            .collect();
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        tracing::trace!(node = p, ?req, start, ?tokens, "app write");
+        self.oracle.submitted(start, &tokens);
+        self.nodes[p].app_data.insert(req, tokens.clone());
+        self.pending_app.insert(
+            req,
+            (
+                p,
+                AppKind::Write {
+                    offset_block: start,
+                    tokens,
+                },
+            ),
+        );
+        let fua = self.rng.chance(10);
+        self.step_node(
+            p,
+            Event::AppWrite {
+                req,
+                offset: start * BLOCK,
+                len: blocks * BLOCK,
+                fua,
+            },
+        );
+    }
+
+    fn app_flush(&mut self) {
+        let Some(p) = self.primary() else { return };
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        self.oracle.flush_submitted(req, p);
+        self.pending_app.insert(req, (p, AppKind::Flush));
+        self.step_node(p, Event::AppFlush { req });
+    }
+
+    fn app_read(&mut self) {
+        let n = usize::try_from(self.rng.below(2)).expect("small");
+        if !self.nodes[n].up {
+            return;
+        }
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let block = self.rng.below(self.cfg.blocks);
+        self.pending_app.insert(req, (n, AppKind::Read));
+        self.step_node(
+            n,
+            Event::AppRead {
+                req,
+                offset: block * BLOCK,
+                len: BLOCK,
+            },
+        );
+    }
+
+    fn crash(&mut self, node: usize) {
+        let other = 1 - node;
+        if !self.nodes[node].up || !self.nodes[other].up {
+            return;
+        }
+        tracing::trace!(node, "crash");
+        self.report.crashes += 1;
+        let survivor_in_sync = self.nodes[other].core.disk() == DiskState::UpToDate
+            && self.nodes[other].core.conn() == ConnState::Connected
+            && self.nodes[node].core.conn() == ConnState::Connected
+            && !self.lossy_link;
+        // Mostly crash while the pair is in sync (single failures, the guarantee under
+        // test); sometimes anyway (double failures: convergence is still checked).
+        if !survivor_in_sync && self.rng.chance(95) {
+            return;
+        }
+        let node_was_primary = self.nodes[node].core.role() == Role::Primary;
+        // The property under test: when the primary dies while its peer is an in-sync
+        // copy, that peer holds every acknowledged write (checked below). Any other crash
+        // is "unsafe" if the survivor is not a complete copy at that moment (the crashed
+        // node may have held the only copy of some writes — a double failure); the
+        // end-of-run durability checks are then skipped, convergence is still checked.
+        let survivor_complete =
+            invariants::acked_writes::check(&self.oracle, &self.nodes[other].disk).is_ok();
+        if !(survivor_complete || node_was_primary && survivor_in_sync) {
+            self.unsafe_crash = true;
+        }
+        if node_was_primary && !survivor_in_sync {
+            self.unsafe_crash = true;
+        }
+        if node_was_primary
+            && survivor_in_sync
+            && !self.unsafe_crash
+            && self.cfg.protocol == Protocol::C
+            && let Err(e) = invariants::acked_writes::check(&self.oracle, &self.nodes[other].disk)
+        {
+            panic!(
+                "seed {}: node {other} survives node {node}'s crash without an acknowledged write: {e}",
+                self.report.seed
+            );
+        }
+        tracing::trace!(node, "crash");
+        let n = &mut self.nodes[node];
+        n.up = false;
+        n.incarnation += 1;
+        n.disk.crash(&mut self.rng);
+        n.app_data.clear();
+        n.payloads.clear();
+        n.reads.clear();
+        n.connecting = false;
+        n.down_since_ms = self.now_ms;
+        self.pending_app.retain(|_, (owner, _)| *owner != node);
+        self.oracle.node_crashed(node);
+        if self.transport {
+            // The survivor notices by ping timeout: frames just stop.
+            self.transport = false;
+            self.link += 1;
+        }
+        // Flushed data must survive on the crashed node's own stable storage.
+        // Protocols A and B may lose acknowledged (even flushed) writes on a failover that
+        // follows a partition; the flush-order promise is checked for protocol C.
+        if !self.unsafe_crash
+            && self.cfg.protocol == Protocol::C
+            && let Err(e) =
+                invariants::flush_order::check(&self.oracle, node, &self.nodes[node].disk)
+        {
+            panic!("seed {}: {e}", self.report.seed);
+        }
+    }
+
+    fn restart(&mut self, node: usize) {
+        tracing::trace!(node, "restart");
+        if self.nodes[node].up {
+            return;
+        }
+        let md = self.nodes[node].md.clone();
+        let core = self.build_core(u32::try_from(node).expect("small"), &md);
+        let n = &mut self.nodes[node];
+        n.core = core;
+        n.up = true;
+        n.incarnation += 1;
+        if self.nodes[node].pending_outdate {
+            self.admin(node, Admin::Outdate);
+        }
+        let epoch = Epoch(self.cluster_epoch);
+        self.admin(node, Admin::SetEpoch(epoch));
+        self.admin(node, Admin::Connect);
+    }
+
+    fn failover(&mut self) {
+        tracing::trace!("failover attempt");
+        let Some(old) = self.cluster_primary else {
+            return;
+        };
+        let new = 1 - old;
+        if self.nodes[old].up && !self.partitioned {
+            return;
+        }
+        let n = &self.nodes[new];
+        if !n.up || n.core.disk() != DiskState::UpToDate || n.core.is_syncing() || n.pending_outdate
+        {
+            return;
+        }
+        if !self.unsafe_crash
+            && self.cfg.protocol == Protocol::C
+            && let Err(e) = invariants::acked_writes::check(&self.oracle, &n.disk)
+        {
+            panic!(
+                "seed {}: promoting node {new} would lose an acknowledged write: {e}",
+                self.report.seed
+            );
+        }
+        self.report.failovers += 1;
+        self.cluster_epoch += 1;
+        self.cluster_primary = Some(new);
+        let epoch = Epoch(self.cluster_epoch);
+        // The cluster fences the old primary first (it learns the epoch if reachable).
+        if self.nodes[old].up {
+            self.admin(old, Admin::SetEpoch(epoch));
+        }
+        self.admin(new, Admin::SetEpoch(epoch));
+        self.admin(new, Admin::Promote { force: false });
+    }
+
+    fn deliver_due(&mut self, until: u64) {
+        while let Some(Reverse((at, _, id))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now_ms = self.now_ms.max(at);
+            let Some(ev) = self.events.remove(&id) else {
+                continue;
+            };
+            self.handle(ev);
+        }
+        self.now_ms = self.now_ms.max(until);
+    }
+
+    fn handle(&mut self, ev: SimEvent) {
+        match ev {
+            SimEvent::LocalDone {
+                node,
+                incarnation,
+                tag,
+                op,
+            } => {
+                if !self.nodes[node].up || self.nodes[node].incarnation != incarnation {
+                    return;
+                }
+                let mut digest = None;
+                {
+                    let n = &mut self.nodes[node];
+                    match op {
+                        LocalOp::Write {
+                            offset,
+                            tokens,
+                            fua,
+                        } => {
+                            for (i, t) in tokens.iter().enumerate() {
+                                let b = offset / BLOCK + u64::try_from(i).expect("small");
+                                if fua {
+                                    n.disk.write_through(b, *t);
+                                } else {
+                                    n.disk.write(b, *t);
+                                }
+                            }
+                        }
+                        LocalOp::Trim { offset, len } => {
+                            for b in offset / BLOCK..(offset + len) / BLOCK {
+                                n.disk.write(b, 0);
+                            }
+                        }
+                        LocalOp::Read {
+                            offset,
+                            len,
+                            digest: want,
+                        } => {
+                            let tokens: Vec<u64> = (offset / BLOCK..(offset + len) / BLOCK)
+                                .map(|b| n.disk.read(b))
+                                .collect();
+                            if want {
+                                digest = Some(hash_tokens(&tokens));
+                            }
+                            n.reads.insert(tag, tokens);
+                        }
+                        LocalOp::Flush => n.disk.flush(),
+                    }
+                }
+                self.step_node(
+                    node,
+                    Event::LocalDone {
+                        tag,
+                        result: Ok(()),
+                        digest,
+                    },
+                );
+            }
+            SimEvent::Deliver { to, link, frame } => {
+                if link != self.link
+                    || !self.transport
+                    || self.partitioned
+                    || self.lossy_link
+                    || !self.nodes[to].up
+                {
+                    return;
+                }
+                let (payload, payload_len) = match frame.data {
+                    Some(tokens) => {
+                        let key = self.next_payload;
+                        self.next_payload += 1;
+                        let len = u64::try_from(tokens.len()).expect("small") * BLOCK;
+                        self.nodes[to].payloads.insert(key, tokens);
+                        (Some(key), len)
+                    }
+                    None => (None, 0),
+                };
+                self.step_node(
+                    to,
+                    Event::PeerMsg {
+                        msg: frame.msg,
+                        payload,
+                        payload_len,
+                        inline: frame.inline,
+                    },
+                );
+            }
+            SimEvent::FenceDone {
+                node,
+                incarnation,
+                ok,
+            } => {
+                if self.nodes[node].incarnation == incarnation {
+                    self.step_node(
+                        node,
+                        Event::OutdatePeerDone {
+                            ok,
+                            detail: if ok {
+                                "ok".into()
+                            } else {
+                                "not the cluster's primary".into()
+                            },
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn maybe_connect(&mut self) {
+        if self.transport || self.partitioned {
+            return;
+        }
+        let ready = (0..2).all(|n| self.nodes[n].up && self.nodes[n].connecting);
+        if ready {
+            self.transport = true;
+            self.lossy_link = false;
+            self.link += 1;
+            for n in 0..2 {
+                self.nodes[n].connecting = false;
+            }
+            self.step_node(0, Event::TransportUp);
+            self.step_node(1, Event::TransportUp);
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now_ms;
+        for n in 0..2 {
+            self.step_node(n, Event::Tick { now_ms: now });
+        }
+        self.maybe_connect();
+        // Whenever the pair is quiet and in sync, the copies must already be identical.
+        let quiet = self.queue.is_empty()
+            && self.transport
+            && !self.lossy_link
+            && (0..2).all(|n| {
+                let c = &self.nodes[n].core;
+                self.nodes[n].up
+                    && c.conn() == ConnState::Connected
+                    && c.bitmap().count() == 0
+                    && c.disk() == DiskState::UpToDate
+            });
+        if quiet
+            && let Err(e) = invariants::convergence::check(&self.nodes[0].disk, &self.nodes[1].disk)
+        {
+            panic!(
+                "seed {} at {} ms, pair quiet and in sync: {e}",
+                self.report.seed, self.now_ms
+            );
+        }
+    }
+
+    /// Advances virtual time by `ms`, ticking every 10 ms.
+    pub fn advance(&mut self, ms: u64) {
+        let end = self.now_ms + ms;
+        while self.now_ms < end {
+            let next = (self.now_ms + 10).min(end);
+            self.deliver_due(next);
+            self.tick();
+        }
+    }
+
+    /// One random step of the workload and fault schedule.
+    pub fn random_step(&mut self) {
+        let r = self.rng.below(100);
+        let cfg = self.cfg.clone();
+        if r < 45 {
+            self.app_write();
+        } else if r < 52 {
+            self.app_flush();
+        } else if r < 55 {
+            self.app_read();
+        } else if r < 55 + cfg.partition_percent {
+            tracing::trace!(partitioned = !self.partitioned, "partition change");
+            // Frames were dropped on this link: only a reconnect makes it clean again.
+            self.lossy_link = true;
+            if self.partitioned {
+                self.partitioned = false;
+            } else {
+                self.report.partitions += 1;
+                self.partitioned = true;
+            }
+        } else if r < 55 + cfg.partition_percent + cfg.crash_percent {
+            let n = usize::try_from(self.rng.below(2)).expect("small");
+            self.crash(n);
+        } else if r < 62 {
+            for n in 0..2 {
+                if !self.nodes[n].up && self.now_ms - self.nodes[n].down_since_ms > 500 {
+                    self.restart(n);
+                }
+            }
+        } else if r < 65 {
+            self.failover();
+        } else {
+            let ms = 1 + self.rng.below(20);
+            self.advance(ms);
+        }
+    }
+
+    /// Heals everything and waits until both nodes are connected and in sync.
+    pub fn heal(&mut self) -> Result<(), String> {
+        self.partitioned = false;
+        for n in 0..2 {
+            if !self.nodes[n].up {
+                self.restart(n);
+            }
+        }
+        // Without a legitimate primary up, the cluster promotes an up-to-date node.
+        if self.primary().is_none() {
+            self.failover();
+        }
+        for n in 0..2 {
+            self.admin(n, Admin::Connect);
+        }
+        let deadline = self.now_ms + 120_000;
+        while self.now_ms < deadline {
+            self.advance(50);
+            let settled = (0..2).all(|n| {
+                let c = &self.nodes[n].core;
+                c.conn() == ConnState::Connected && c.bitmap().count() == 0
+            }) && self.pending_app.is_empty()
+                && self.transport
+                && !self.lossy_link;
+            if settled {
+                // Let trailing acks and barriers land.
+                self.advance(200);
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "seed {}: did not converge: node0 {:?}/{:?}/{:?} bits {}, node1 {:?}/{:?}/{:?} bits {}, pending app {:?}",
+            self.report.seed,
+            self.nodes[0].core.role(),
+            self.nodes[0].core.conn(),
+            self.nodes[0].core.disk(),
+            self.nodes[0].core.bitmap().count(),
+            self.nodes[1].core.role(),
+            self.nodes[1].core.conn(),
+            self.nodes[1].core.disk(),
+            self.nodes[1].core.bitmap().count(),
+            self.pending_app
+        ))
+    }
+}
+
+fn apply_bitmap_blocks(words: &mut [u64], blocks: &[(usize, Vec<u64>)]) {
+    use crate::store::bitmap::WORDS_PER_BLOCK;
+    for (b, w) in blocks {
+        let start = b * WORDS_PER_BLOCK;
+        for (i, v) in w.iter().enumerate() {
+            if let Some(slot) = words.get_mut(start + i) {
+                *slot = *v;
+            }
+        }
+    }
+}
+
+/// The digest the sim's disks compute over a range of tokens.
+pub fn hash_tokens(tokens: &[u64]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in tokens {
+        h = (h ^ t).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Runs one seeded simulation: random steps, then heal, then the end invariants.
+pub fn run(seed: u64, cfg: SimConfig) -> Result<SimReport, String> {
+    let mut sim = Sim::new(seed, cfg.clone());
+    sim.advance(100);
+    for _ in 0..cfg.steps {
+        sim.random_step();
+    }
+    sim.heal()?;
+    invariants::convergence::check(&sim.nodes[0].disk, &sim.nodes[1].disk)
+        .map_err(|e| format!("seed {seed}: {e}"))?;
+    if !sim.unsafe_crash && cfg.protocol == Protocol::C {
+        for n in 0..2 {
+            invariants::acked_writes::check(&sim.oracle, &sim.nodes[n].disk)
+                .map_err(|e| format!("seed {seed}: node {n} at the end: {e}"))?;
+        }
+    }
+    sim.report.end_ms = sim.now_ms;
+    sim.report.fully_checked = u64::from(!sim.unsafe_crash);
+    Ok(sim.report.clone())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! The acknowledged-write oracle: what each block may hold, given what was acknowledged.
+//!
+//! Every write gets unique tokens (one per block). Per block the oracle keeps the tokens
+//! in submission order and the index of the newest acknowledged one: a disk may hold that
+//! token or any later one (a later write may have landed without being acknowledged), but
+//! never an older one. It never assumes a failed or unanswered write is absent.
+
+use crate::replication::core::ReqId;
+use std::collections::HashMap;
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Oracle {
+    history: Vec<Vec<u64>>,
+    index_of: HashMap<u64, (u64, usize)>,
+    acked: Vec<Option<usize>>,
+    flush_pending: HashMap<ReqId, (usize, Vec<Option<usize>>)>,
+    flushed: [Vec<Option<usize>>; 2],
+}
+
+impl Oracle {
+    /// An oracle for `blocks` blocks, all zero.
+    pub fn new(blocks: u64) -> Self {
+        let n = usize::try_from(blocks).expect("small");
+        Self {
+            history: vec![Vec::new(); n],
+            index_of: HashMap::new(),
+            acked: vec![None; n],
+            flush_pending: HashMap::new(),
+            flushed: [vec![None; n], vec![None; n]],
+        }
+    }
+
+    fn slot(block: u64) -> usize {
+        usize::try_from(block).expect("small")
+    }
+
+    /// A write of `tokens` starting at `block` was submitted.
+    pub fn submitted(&mut self, block: u64, tokens: &[u64]) {
+        for (i, t) in tokens.iter().enumerate() {
+            let b = block + u64::try_from(i).expect("small");
+            let h = &mut self.history[Self::slot(b)];
+            h.push(*t);
+            self.index_of.insert(*t, (b, h.len() - 1));
+        }
+    }
+
+    /// That write was acknowledged.
+    pub fn acked(&mut self, block: u64, tokens: &[u64]) {
+        for t in tokens {
+            if let Some(&(b, idx)) = self.index_of.get(t) {
+                let a = &mut self.acked[Self::slot(b)];
+                *a = Some(a.map_or(idx, |x| x.max(idx)));
+            }
+        }
+        let _ = block;
+    }
+
+    /// A flush was submitted on `node`.
+    pub fn flush_submitted(&mut self, req: ReqId, node: usize) {
+        self.flush_pending.insert(req, (node, self.acked.clone()));
+    }
+
+    /// That flush completed successfully.
+    pub fn flushed(&mut self, req: ReqId) {
+        if let Some((node, snapshot)) = self.flush_pending.remove(&req) {
+            for (f, s) in self.flushed[node].iter_mut().zip(snapshot) {
+                if let Some(s) = s {
+                    *f = Some(f.map_or(s, |x| x.max(s)));
+                }
+            }
+        }
+    }
+
+    /// `node` crashed: its unanswered flushes are gone.
+    pub fn node_crashed(&mut self, node: usize) {
+        self.flush_pending.retain(|_, (n, _)| *n != node);
+    }
+
+    /// Is `token` an acceptable content of `block` for a live copy?
+    pub fn check_block(&self, block: u64, token: u64) -> Result<(), String> {
+        let Some(min) = self.acked[Self::slot(block)] else {
+            return Ok(());
+        };
+        match self.index_of.get(&token) {
+            Some(&(b, idx)) if b == block && idx >= min => Ok(()),
+            _ => Err(format!(
+                "block {block} holds token {token} but write token {} was acknowledged",
+                self.history[Self::slot(block)][min]
+            )),
+        }
+    }
+
+    /// Is `token` acceptable for the stable storage of `node` (flushed writes kept)?
+    pub fn check_flushed(&self, node: usize, block: u64, token: u64) -> Result<(), String> {
+        let Some(min) = self.flushed[node][Self::slot(block)] else {
+            return Ok(());
+        };
+        match self.index_of.get(&token) {
+            Some(&(b, idx)) if b == block && idx >= min => Ok(()),
+            _ => Err(format!(
+                "block {block} on node {node}'s stable storage holds token {token}, older than \
+                 token {} which was acknowledged before a completed flush",
+                self.history[Self::slot(block)][min]
+            )),
+        }
+    }
+}
