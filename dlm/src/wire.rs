@@ -52,6 +52,9 @@ pub enum Frame {
     Heartbeat {
         /// Sender's membership epoch.
         epoch: Epoch,
+        /// Fingerprint of the sender's member set (see
+        /// `shell::membership_fingerprint`).
+        members: u64,
     },
 }
 
@@ -445,9 +448,10 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             w.u8(3);
             w.u64(*next);
         }
-        Frame::Heartbeat { epoch } => {
+        Frame::Heartbeat { epoch, members } => {
             w.u8(4);
             w.u64(epoch.0);
+            w.u64(*members);
         }
     }
     let crc = crc32fast::hash(&out[body..]);
@@ -502,6 +506,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DlmError> {
         },
         4 => Frame::Heartbeat {
             epoch: Epoch(r.u64("epoch")?),
+            members: r.u64("fingerprint")?,
         },
         v => return Err(bad(format!("frame kind {v}"))),
     };

@@ -147,7 +147,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         }),
         (any::<u64>(), arb_message()).prop_map(|(seq, message)| Frame::Data { seq, message }),
         any::<u64>().prop_map(|next| Frame::Ack { next }),
-        any::<u64>().prop_map(|e| Frame::Heartbeat { epoch: Epoch(e) }),
+        (any::<u64>(), any::<u64>()).prop_map(|(e, members)| Frame::Heartbeat {
+            epoch: Epoch(e),
+            members
+        }),
     ]
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tandem_dlm::core::Config;
-use tandem_dlm::shell::{Node, NodeConfig};
+use tandem_dlm::shell::{Node, NodeConfig, membership_fingerprint};
 use tandem_dlm::{Epoch, Incarnation, NodeId};
 
 /// Runs one lock manager node.
@@ -143,12 +143,12 @@ async fn main() -> anyhow::Result<()> {
         let heard = node.peers_heard();
         let up: BTreeMap<NodeId, Incarnation> = heard
             .iter()
-            .filter(|(_, (_, age, _))| *age < suspect)
-            .map(|(n, (inc, _, _))| (*n, *inc))
+            .filter(|(_, s)| s.age < suspect)
+            .map(|(n, s)| (*n, s.incarnation))
             .collect();
         let max_epoch = heard
             .values()
-            .map(|(_, _, e)| *e)
+            .map(|s| s.epoch)
             .max()
             .unwrap_or_default()
             .max(node.epoch());
@@ -164,7 +164,15 @@ async fn main() -> anyhow::Result<()> {
             Some(current) if *current == desired => continue,
             Some(_) => {}
         }
-        let epoch = Epoch(max_epoch.0 + 1);
+        // A peer that already formed this very membership fixes its epoch; otherwise
+        // the next one after the highest seen.
+        let fingerprint = membership_fingerprint(&desired);
+        let epoch = heard
+            .values()
+            .filter(|s| s.age < suspect && s.members == fingerprint && s.epoch > node.epoch())
+            .map(|s| s.epoch)
+            .max()
+            .unwrap_or(Epoch(max_epoch.0 + 1));
         node.membership(epoch, desired.clone());
         members = Some(desired);
     }

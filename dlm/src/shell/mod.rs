@@ -16,6 +16,6 @@ pub mod socket;
 mod transport;
 
 pub use client::{BlockingNotice, Granted, LockClient};
-pub use node::{LockInfo, Node, NodeConfig, NodeStatus};
+pub use node::{LockInfo, Node, NodeConfig, NodeStatus, PeerSeen, membership_fingerprint};
 pub use socket::SocketClient;
 pub use transport::{BoxStream, ConnectFuture, Connector, PeerStream, TcpConnector};

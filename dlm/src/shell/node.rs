@@ -67,6 +67,19 @@ struct Seen {
     incarnation: Incarnation,
     at: Instant,
     epoch: Epoch,
+    members: u64,
+}
+
+/// A fingerprint of a member set, the same on every node (carried in heartbeats so
+/// the standalone failure detector can tell that a peer formed the same membership).
+pub fn membership_fingerprint(members: &BTreeMap<NodeId, Incarnation>) -> u64 {
+    use std::hash::Hasher;
+    let mut h = crate::hash::FxHasher::default();
+    for (n, i) in members {
+        h.write_u32(n.0);
+        h.write_u64(i.0);
+    }
+    h.finish()
 }
 
 struct RecvSession {
@@ -85,6 +98,7 @@ pub(crate) struct Shared {
     seen: Mutex<BTreeMap<NodeId, Seen>>,
     conn_ids: AtomicU64,
     epoch: AtomicU64,
+    members_fp: AtomicU64,
     stopped: AtomicBool,
     started: Instant,
 }
@@ -104,8 +118,11 @@ impl Shared {
         self.stopped.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn epoch(&self) -> Epoch {
-        Epoch(self.epoch.load(Ordering::Relaxed))
+    pub(crate) fn epoch_and_members(&self) -> (Epoch, u64) {
+        (
+            Epoch(self.epoch.load(Ordering::Relaxed)),
+            self.members_fp.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn outbox(&self, peer: NodeId) -> Option<Arc<Outbox>> {
@@ -116,17 +133,24 @@ impl Shared {
         self.outboxes.contains_key(&peer)
     }
 
-    pub(crate) fn heard(&self, peer: NodeId, incarnation: Incarnation, epoch: Option<Epoch>) {
+    pub(crate) fn heard(
+        &self,
+        peer: NodeId,
+        incarnation: Incarnation,
+        epoch: Option<(Epoch, u64)>,
+    ) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let e = seen.entry(peer).or_insert(Seen {
             incarnation,
             at: Instant::now(),
             epoch: Epoch(0),
+            members: 0,
         });
         e.incarnation = incarnation;
         e.at = Instant::now();
-        if let Some(ep) = epoch {
+        if let Some((ep, members)) = epoch {
             e.epoch = ep;
+            e.members = members;
         }
     }
 
@@ -269,7 +293,13 @@ impl CoreState {
                 }
             }
         }
-        shared.epoch.store(self.dlm.epoch().0, Ordering::Relaxed);
+        let epoch = self.dlm.epoch().0;
+        if shared.epoch.swap(epoch, Ordering::Relaxed) != epoch {
+            shared.members_fp.store(
+                membership_fingerprint(self.dlm.members()),
+                Ordering::Relaxed,
+            );
+        }
         for event in follow_up {
             let mut more = Vec::new();
             self.dlm.step_append(event, &mut more);
@@ -291,6 +321,19 @@ impl CoreState {
         );
         (id, rx)
     }
+}
+
+/// What the node knows of a peer from its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSeen {
+    /// Its incarnation.
+    pub incarnation: Incarnation,
+    /// Time since its last frame.
+    pub age: Duration,
+    /// Its membership epoch.
+    pub epoch: Epoch,
+    /// Fingerprint of its member set.
+    pub members: u64,
 }
 
 /// A lock as `tandemctl locks` shows it.
@@ -387,6 +430,7 @@ impl Node {
             seen: Mutex::new(BTreeMap::new()),
             conn_ids: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            members_fp: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             started: Instant::now(),
         });
@@ -484,11 +528,22 @@ impl Node {
         LockClient::new(self.shared.clone())
     }
 
-    /// Peers heard from: incarnation, time since the last frame, their epoch.
-    pub fn peers_heard(&self) -> BTreeMap<NodeId, (Incarnation, Duration, Epoch)> {
+    /// Peers heard from: incarnation, time since the last frame, their epoch and the
+    /// fingerprint of their member set.
+    pub fn peers_heard(&self) -> BTreeMap<NodeId, PeerSeen> {
         let seen = self.shared.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.iter()
-            .map(|(n, s)| (*n, (s.incarnation, s.at.elapsed(), s.epoch)))
+            .map(|(n, s)| {
+                (
+                    *n,
+                    PeerSeen {
+                        incarnation: s.incarnation,
+                        age: s.at.elapsed(),
+                        epoch: s.epoch,
+                        members: s.members,
+                    },
+                )
+            })
             .collect()
     }
 

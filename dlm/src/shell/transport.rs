@@ -314,12 +314,13 @@ async fn outbound_session(
             _ = outbox.notify.notified() => {}
             _ = heartbeat.tick() => {
                 buf.clear();
-                wire::encode(&Frame::Heartbeat { epoch: shared.epoch() }, &mut buf);
+                let (epoch, members) = shared.epoch_and_members();
+                wire::encode(&Frame::Heartbeat { epoch, members }, &mut buf);
                 write_frames(&mut wr, &buf).await?;
             }
             frame = reader.next() => match frame? {
                 Some(Frame::Ack { next: acked }) => outbox.ack(acked),
-                Some(Frame::Heartbeat { epoch }) => shared.heard(peer, inc, Some(epoch)),
+                Some(Frame::Heartbeat { epoch, members }) => shared.heard(peer, inc, Some((epoch, members))),
                 Some(other) => {
                     return Err(DlmError::DecodeFrame {
                         reason: format!("unexpected {other:?} on an outbound connection"),
@@ -373,12 +374,14 @@ pub(crate) async fn inbound_session(
     write_frames(&mut wr, &buf).await?;
     shared.heard(peer, incarnation, None);
     let mut next = receive_next;
+    let mut acked = receive_next;
     let mut batch: Vec<Message> = Vec::new();
     loop {
         let Some(first) = reader.next().await? else {
             return Ok(());
         };
         let mut frame = Some(first);
+        let mut heartbeat = false;
         while let Some(f) = frame {
             match f {
                 Frame::Data { seq, message } => {
@@ -392,7 +395,10 @@ pub(crate) async fn inbound_session(
                         batch.push(message);
                     }
                 }
-                Frame::Heartbeat { epoch } => shared.heard(peer, incarnation, Some(epoch)),
+                Frame::Heartbeat { epoch, members } => {
+                    heartbeat = true;
+                    shared.heard(peer, incarnation, Some((epoch, members)));
+                }
                 other => {
                     return Err(DlmError::DecodeFrame {
                         reason: format!("unexpected {other:?} on an inbound connection"),
@@ -406,9 +412,14 @@ pub(crate) async fn inbound_session(
                 return Ok(()); // superseded by a newer connection
             }
             shared.deliver(peer, incarnation, &mut batch);
+        }
+        // Acknowledge lazily (every 256 frames, and with every heartbeat of the peer):
+        // an ack per message would cost a write on the request path.
+        if next >= acked + 256 || (heartbeat && next > acked) {
             buf.clear();
             wire::encode(&Frame::Ack { next }, &mut buf);
             write_frames(&mut wr, &buf).await?;
+            acked = next;
         }
     }
 }
