@@ -20,6 +20,8 @@ struct Cli {
 enum Mode {
     /// Run as a cluster node: membership, quorum, volumes, failover.
     Run(RunArgs),
+    /// Serve one replicated volume without cluster membership (roles set by hand).
+    Replica(tandem::replica::ReplicaArgs),
 }
 
 #[derive(Debug, Args)]
@@ -37,7 +39,7 @@ struct RunArgs {
 
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -82,5 +84,19 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.mode {
         Mode::Run(args) => run(args),
+        Mode::Replica(args) => replica(args),
     }
+}
+
+fn replica(args: tandem::replica::ReplicaArgs) -> anyhow::Result<()> {
+    init_tracing(false);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandemd")
+        .build()
+        .context("starting the async runtime")?;
+    let name = args.name.clone();
+    runtime
+        .block_on(tandem::replica::run(args))
+        .with_context(|| format!("replica {name}"))
 }

@@ -81,6 +81,10 @@ pub struct ClusterSection {
     /// Where control sockets live (`{node}` expands); tandemctl finds them here.
     #[serde(default = "default_control_socket")]
     pub control_socket: String,
+    /// The lock manager's client socket (`{node}` expands); a node's `dlm_socket`
+    /// overrides it.
+    #[serde(default = "default_dlm_socket")]
+    pub dlm_socket: String,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -97,6 +101,9 @@ fn default_state_dir() -> String {
 }
 fn default_control_socket() -> String {
     "/run/tandem/{node}.sock".into()
+}
+fn default_dlm_socket() -> String {
+    "/run/tandem/dlm.sock".into()
 }
 
 /// What a node does in the cluster.
@@ -532,6 +539,15 @@ impl Config {
         PathBuf::from(expand(&self.cluster.control_socket, node))
     }
 
+    /// The lock manager's client socket on `node`.
+    pub fn dlm_socket(&self, node: &str) -> PathBuf {
+        let template = self
+            .node_by_name(node)
+            .and_then(|n| n.dlm_socket.clone())
+            .unwrap_or_else(|| self.cluster.dlm_socket.clone());
+        PathBuf::from(expand(&template, node))
+    }
+
     /// Number of voting members (data nodes and witnesses).
     pub fn voters(&self) -> usize {
         self.nodes.len()
@@ -654,6 +670,7 @@ failure_timeout_ms = 800
 quorum_lease_ms = 500
 state_dir = "{base}/{node}"
 control_socket = "{base}/{node}/control.sock"
+dlm_socket = "{base}/{node}/dlm.sock"
 
 [[node]]
 id = 1

@@ -72,6 +72,9 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
             }
         });
     }
+    let dlm_socket = node.config().dlm_socket(&name);
+    let _dlm = super::dlm::DlmService::start(&node, dlm_socket.clone()).await?;
+    tracing::info!(socket = %dlm_socket.display(), "lock manager serving");
     let span = tracing::info_span!("node", node = %name, node_id = %node.id(), incarnation = %node.incarnation());
     let _guard = span.enter();
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod detector;
+pub mod dlm;
 pub mod fencing;
 pub mod metrics;
 pub mod node;
