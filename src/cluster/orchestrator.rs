@@ -69,6 +69,9 @@ pub struct ReplicaReport {
     /// Progress of a running resync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncProgress>,
+    /// The local block device the volume is exported as (ublk), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// How far a resync has come.

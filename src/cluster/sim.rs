@@ -326,6 +326,7 @@ impl World {
                             out_of_sync_bytes: 0,
                             resources_running: node.resources.contains(name),
                             sync: None,
+                            device: None,
                         },
                     )
                 })

@@ -4,4 +4,5 @@
 #![deny(unsafe_code)]
 
 pub mod ctl;
+pub mod mount;
 pub mod pr;
