@@ -437,7 +437,14 @@ impl Dlm {
                 },
                 None => return,
             };
+            let unlock = matches!(message, Message::Unlock { .. });
             self.send(master, message);
+            if unlock {
+                // Released as of now: the master applies it in order before anything
+                // this node sends later, and if the master dies first the lock is gone
+                // with it. No round trip.
+                self.finish_op(lock, Reply::Unlocked);
+            }
         }
     }
 

@@ -207,8 +207,8 @@ impl LockClient {
         )
     }
 
-    /// Releases a granted lock without waiting: the release counts from now (requests
-    /// made after it by this client are ordered after it).
+    /// Releases a granted lock: the release counts from now (requests made after it
+    /// by this node are ordered after it at the master).
     pub fn unlock(&self, lock: LockId, lvb: Option<Lvb>) -> Result<(), DlmError> {
         let event = Event::Unlock {
             client: self.id,
@@ -225,7 +225,9 @@ impl LockClient {
         }
     }
 
-    /// Releases a granted lock and waits until its master has.
+    /// Releases a granted lock and returns its completion. The release needs no
+    /// answer from a remote master (it is applied in order there), so this completes
+    /// at once; it reports refusals (busy, unknown lock) like [`LockClient::unlock`].
     pub async fn unlock_wait(&self, lock: LockId, lvb: Option<Lvb>) -> Result<(), DlmError> {
         let event = Event::Unlock {
             client: self.id,

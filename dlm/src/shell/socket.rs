@@ -75,7 +75,7 @@ pub enum Op {
         #[serde(default)]
         lvb: Option<String>,
     },
-    /// Release a lock (answered when the master has released it).
+    /// Release a lock (answered at once: the master applies it in order).
     Unlock {
         /// The lock.
         lock: u64,

@@ -404,11 +404,20 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(bench_threads())
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        match args.what {
+    // Everything runs as runtime tasks (like the clients of a node do), not on the
+    // thread that blocks on the runtime.
+    let what = args.what;
+    rt.block_on(async move { tokio::spawn(async move { run(what).await }).await? })?;
+    let _ = NodeState::Running;
+    Ok(())
+}
+
+async fn run(what: What) -> anyhow::Result<()> {
+    {
+        match what {
             What::All { ops } => {
                 local(ops * 5).await?;
                 remote(ops / 10).await?;
@@ -419,7 +428,13 @@ fn main() -> anyhow::Result<()> {
             What::Throughput { clients, secs } => throughput(clients, secs).await,
             What::Kernel { .. } => Ok(()),
         }
-    })?;
-    let _ = NodeState::Running;
-    Ok(())
+    }
+}
+
+/// Worker threads of the benchmark runtime (`TANDEM_BENCH_THREADS`, default 2).
+fn bench_threads() -> usize {
+    std::env::var("TANDEM_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
 }
