@@ -5,4 +5,5 @@
 
 pub mod ctl;
 pub mod mount;
+pub mod nbd_client;
 pub mod pr;
