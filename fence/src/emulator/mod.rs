@@ -18,7 +18,10 @@
 //! - RELEASE with the wrong type answers RESERVATION CONFLICT (SPC-4: ILLEGAL REQUEST);
 //! - in an all-registrants reservation one registration is still "the" holder (the one that
 //!   reserved, or the next in registration order); a PREEMPT naming its key takes the
-//!   holder path, and only that nexus may RESERVE again or REGISTER AND MOVE;
+//!   holder path;
+//! - RESERVE and REGISTER AND MOVE from a non-holder are first judged like writes (a
+//!   registrant of a registrants-only or all-registrants reservation passes), so their own
+//!   checks (type, key, parameter list) can answer before RESERVATION CONFLICT does;
 //! - only the first queued unit attention is examined when another is added, and reporting
 //!   one clears them all.
 //!
@@ -651,7 +654,11 @@ impl Emulator {
         }
     }
 
-    /// LIO's `core_scsi3_pr_seq_non_holder` for PERSISTENT RESERVE OUT.
+    /// LIO's `core_scsi3_pr_seq_non_holder` for PERSISTENT RESERVE OUT from a nexus that
+    /// is not the (designated) reservation holder. REGISTER is always let through; CLEAR,
+    /// PREEMPT and RELEASE need a registration; RESERVE and REGISTER AND MOVE are judged like
+    /// any command that writes (allowed only for registrants of a registrants-only or
+    /// all-registrants reservation) and then meet the service action's own checks.
     fn reservation_check_pr_out(&self, nexus: NexusId, service_action: u8) -> Result<(), Refusal> {
         let Some(res) = self.reservation else {
             return Ok(());
@@ -660,21 +667,23 @@ impl Emulator {
             return Ok(());
         }
         let registered = self.is_registered(nexus);
-        let conflict = match PrOutAction::from_code(service_action) {
+        let allowed = match PrOutAction::from_code(service_action) {
             Some(
                 PrOutAction::Clear
                 | PrOutAction::Preempt
                 | PrOutAction::PreemptAndAbort
                 | PrOutAction::Release,
-            ) => !registered,
-            Some(PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey) => false,
-            Some(PrOutAction::RegisterAndMove | PrOutAction::Reserve) => true,
-            Some(PrOutAction::ReplaceLostReservation) | None => true,
+            ) => registered,
+            Some(PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey) => true,
+            Some(PrOutAction::RegisterAndMove | PrOutAction::Reserve) => {
+                registered && res.reservation_type.admits_registrants()
+            }
+            Some(PrOutAction::ReplaceLostReservation) | None => false,
         };
-        if conflict {
-            Err(Refusal::Conflict)
-        } else {
+        if allowed {
             Ok(())
+        } else {
+            Err(Refusal::Conflict)
         }
     }
 

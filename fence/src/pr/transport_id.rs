@@ -353,11 +353,13 @@ impl fmt::Display for TransportId {
             Self::Srp { port_id } => {
                 write!(f, "RDMA initiator port identifier: 0x{}", hex(port_id))
             }
-            Self::Iscsi { name, isid: None } => write!(f, "iSCSI name: {name}"),
+            Self::Iscsi { name, isid: None } => {
+                write!(f, "iSCSI world wide unique node id: {name}")
+            }
             Self::Iscsi {
                 name,
                 isid: Some(isid),
-            } => write!(f, "iSCSI name and session id: {name},i,0x{isid}"),
+            } => write!(f, "iSCSI world wide unique port id: {name},i,0x{isid}"),
             Self::Sas { address } => write!(f, "SAS address: 0x{}", hex(address)),
             Self::Sop { routing_id } => write!(f, "SOP routing id: 0x{routing_id:x}"),
             Self::Other { protocol_id, bytes } => {

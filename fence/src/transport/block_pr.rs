@@ -202,6 +202,15 @@ impl PrTransport for BlockPrDevice {
                     reason: "the device does not support persistent reservations (EOPNOTSUPP)"
                         .to_owned(),
                 },
+                // NVMe maps Invalid Command Opcode to EINVAL: ask the device what it supports.
+                Some(libc::EINVAL) => match self.reader.report_capabilities() {
+                    Err(e) if e.is_not_supported() => FenceError::NotSupported {
+                        op,
+                        device,
+                        reason: format!("the PR ioctl answered EINVAL, and the device says: {e}"),
+                    },
+                    _ => FenceError::Ioctl { op, device, source },
+                },
                 _ => FenceError::Ioctl { op, device, source },
             }),
         }

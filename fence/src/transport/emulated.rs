@@ -90,6 +90,7 @@ impl ScsiSubmit for EmulatorScsi {
             driver_status: 0,
             sense: resp.sense.map(|s| s.encode()).unwrap_or_default(),
             data,
+            overrun: 0,
         })
     }
 }

@@ -28,6 +28,8 @@ pub struct RawScsiResult {
     pub sense: Vec<u8>,
     /// The data-in bytes actually transferred.
     pub data: Vec<u8>,
+    /// How many bytes the target wrote past the data-in length (into our slack).
+    pub overrun: usize,
 }
 
 /// Something that executes SCSI commands for one I_T nexus.
@@ -211,6 +213,9 @@ impl<S: ScsiSubmit> PrTransport for ScsiPr<S> {
     }
 }
 
+const PAGE: usize = 4096;
+const SLACK_CANARY: u8 = 0xa5;
+
 /// SG_IO on an open SCSI disk or generic device.
 #[derive(Debug, Clone)]
 pub struct SgIo {
@@ -271,17 +276,32 @@ impl ScsiSubmit for SgIo {
         let out = data_out.to_vec();
         let timeout = self.timeout_ms;
         let outcome = self.watchdog.run(op, &self.name, timeout, move || {
-            let mut data_in = vec![0u8; data_in_len];
+            // The data-in buffer starts on a page and is followed by a page of slack: LIO
+            // writes past ALLOCATION LENGTH in READ FULL STATUS (it checks only the
+            // TransportID's length against it), and when the length is 4-byte aligned the
+            // block layer maps our buffer straight into the command, so the overrun would
+            // land in our heap. The slack holds a canary to measure it.
+            let mut storage = vec![SLACK_CANARY; data_in_len + 3 * PAGE];
+            let start = storage.as_ptr().align_offset(PAGE).min(PAGE);
+            storage[start..start + data_in_len].fill(0);
+            let region = &mut storage[start..start + data_in_len];
             let dir = if !out.is_empty() {
                 DataDirection::ToDevice(&out)
             } else if data_in_len > 0 {
-                DataDirection::FromDevice(&mut data_in)
+                DataDirection::FromDevice(region)
             } else {
                 DataDirection::None
             };
-            sys::sg_io(file.as_fd(), &cdb, dir, timeout).map(|r| (r, data_in))
+            sys::sg_io(file.as_fd(), &cdb, dir, timeout).map(|r| {
+                let slack = &storage[start + data_in_len..start + data_in_len + PAGE];
+                let overrun = slack
+                    .iter()
+                    .rposition(|&b| b != SLACK_CANARY)
+                    .map_or(0, |p| p + 1);
+                (r, storage[start..start + data_in_len].to_vec(), overrun)
+            })
         })?;
-        let (r, mut data_in) = outcome.map_err(|source| match source.raw_os_error() {
+        let (r, mut data_in, overrun) = outcome.map_err(|source| match source.raw_os_error() {
             Some(libc::ENOTTY | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
                 FenceError::WrongDeviceType {
                     device: self.name.clone(),
@@ -302,6 +322,7 @@ impl ScsiSubmit for SgIo {
             driver_status: r.driver_status,
             sense: r.sense,
             data: data_in,
+            overrun,
         })
     }
 }

@@ -106,6 +106,9 @@ struct Bench {
     emu: Emulator,
     compared: u64,
     coverage: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Commands after which the target had written past the data-in length: label →
+    /// (count, largest overrun in bytes).
+    overruns: std::cell::RefCell<BTreeMap<String, (u64, usize)>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +138,12 @@ impl Bench {
                 raw.host_status
             )
             .into());
+        }
+        if raw.overrun > 0 {
+            let mut overruns = self.overruns.borrow_mut();
+            let entry = overruns.entry(c.label.clone()).or_insert((0, 0));
+            entry.0 += 1;
+            entry.1 = entry.1.max(raw.overrun);
         }
         Ok(Outcome {
             status: raw.status & 0xfe,
@@ -181,18 +190,19 @@ impl Bench {
         if real.status == 0
             && let Some(action) = c.pr_in
         {
-            if c.raw && real.data != emu.data {
-                let detail = format!(
-                    "data differ: LIO {:02x?} emulator {:02x?}",
-                    real.data, emu.data
-                );
-                return Ok(Err((real, emu, detail)));
-            }
-            let a = PrInData::decode(action, &real.data);
-            let b = PrInData::decode(action, &emu.data);
-            match (a, b) {
-                (Ok(a), Ok(b)) if a == b => {}
-                (a, b) => {
+            if c.raw {
+                // Odd allocation lengths: the bytes themselves must agree.
+                if real.data != emu.data {
+                    let detail = format!(
+                        "data differ: LIO {:02x?} emulator {:02x?}",
+                        real.data, emu.data
+                    );
+                    return Ok(Err((real, emu, detail)));
+                }
+            } else {
+                let a = PrInData::decode(action, &real.data);
+                let b = PrInData::decode(action, &emu.data);
+                if a != b {
                     let detail = format!("{} differs: LIO {a:?} emulator {b:?}", action.name());
                     return Ok(Err((real, emu, detail)));
                 }
@@ -215,11 +225,13 @@ impl Bench {
 
     /// Clears the real LU (registrations, reservation, unit attentions); returns PRgeneration.
     fn reset_real(&self) -> Result<u32, Failure> {
-        let reg = out_command(
-            "reset-register",
-            &PrOutCommand::register_and_ignore(PrKey::new(RESET_KEY)),
-        );
-        let o = self.real_until_good(0, &reg)?;
+        let mut register = PrOutCommand::register_and_ignore(PrKey::new(RESET_KEY));
+        let mut o = self.real_until_good(0, &out_command("reset-register", &register))?;
+        if o.sense == Some((5, 0x24, 0)) {
+            // An ALL_TG_PT registration must be changed with ALL_TG_PT set.
+            register.all_tg_pt = true;
+            o = self.real_until_good(0, &out_command("reset-register", &register))?;
+        }
         if o.status != 0 {
             return Err(anyhow::anyhow!("reset: REGISTER AND IGNORE failed: {o:?}").into());
         }
@@ -504,6 +516,7 @@ fn discover(real: &[SgIo]) -> Result<Vec<NexusInfo>, Failure> {
         emu: Emulator::new(),
         compared: 0,
         coverage: BTreeMap::new(),
+        overruns: Default::default(),
     };
     probe.reset_real()?;
     for (n, dev) in real.iter().enumerate() {
@@ -533,10 +546,15 @@ fn discover(real: &[SgIo]) -> Result<Vec<NexusInfo>, Failure> {
         let Initiator::Scsi { transport_id } = &entry.initiator else {
             return Err(anyhow::anyhow!("discover: not a SCSI initiator").into());
         };
-        let port = u16::try_from(n + 1).unwrap_or(0);
-        infos.push(
-            NexusInfo::scsi(transport_id.clone(), entry.relative_target_port).on_target_port(port),
-        );
+        // A relative target port identifier names one target port, except 0 (reserved by
+        // SPC-4), which LIO's tcm_loop reports for every port: then each nexus has its own.
+        let rtpi = entry.relative_target_port;
+        let port = if rtpi != 0 {
+            rtpi
+        } else {
+            0x8000 | u16::try_from(n + 1).unwrap_or(0)
+        };
+        infos.push(NexusInfo::scsi(transport_id.clone(), rtpi).on_target_port(port));
     }
     probe.reset_real()?;
     Ok(infos)
@@ -592,6 +610,7 @@ pub(crate) fn run(
         emu: Emulator::new(),
         compared: 0,
         coverage: BTreeMap::new(),
+        overruns: Default::default(),
     };
     let mut mismatches = Vec::new();
     let mut steps_run = 0u64;
@@ -663,6 +682,7 @@ pub(crate) fn run(
         "preempt_and_abort": allow_pa,
         "mismatches": mismatches,
         "coverage": bench.coverage,
+        "target_overruns": *bench.overruns.borrow(),
         "elapsed_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     });
     let text = serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?;
@@ -697,6 +717,7 @@ mod tests {
             emu,
             compared: 0,
             coverage: BTreeMap::new(),
+            overruns: Default::default(),
         };
         let labels = |seed| {
             let mut rng = Rng(seed);
@@ -741,6 +762,7 @@ mod tests {
             emu,
             compared: 0,
             coverage: BTreeMap::new(),
+            overruns: Default::default(),
         };
         let mut rng = Rng(42);
         let mut goods = 0;

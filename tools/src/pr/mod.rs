@@ -74,7 +74,13 @@ pub fn run(
                     json!({ "error": e.to_string(), "kind": e.kind(), "exit_status": code })
                 );
             }
-            let _ = writeln!(err, "tandem-pr: {e}");
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            let _ = writeln!(err, "tandem-pr: {text}");
             if let Some(hint) = hint(&e) {
                 let _ = writeln!(err, "tandem-pr: {hint}");
             }
