@@ -26,7 +26,7 @@ impl Dlm {
                 } => (owner, id, Reply::Failed { status, mode }),
                 // A remote owner completed its unlock when it sent it (see
                 // `Dlm::dispatch`): the release needs no answer.
-                Outcome::Unlocked { owner, id } if owner != self.me => continue,
+                Outcome::Unlocked { owner, .. } if owner != self.me => continue,
                 Outcome::Unlocked { owner, id } => (owner, id, Reply::Unlocked),
                 // A cancel that missed needs no answer: the request it was for has
                 // completed (or will), and the owner clears its cancel then.
