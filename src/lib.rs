@@ -7,7 +7,10 @@
 pub mod cluster;
 pub mod error;
 pub mod fixture;
+pub mod frontend;
+pub mod replica;
 pub mod replication;
+pub mod resources;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod store;

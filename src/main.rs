@@ -21,7 +21,7 @@ enum Mode {
     /// Run as a cluster node: membership, quorum, volumes, failover.
     Run(RunArgs),
     /// Serve one replicated volume without cluster membership (roles set by hand).
-    Replica(tandem::replica::ReplicaArgs),
+    Replica(Box<tandem::replica::ReplicaArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.mode {
         Mode::Run(args) => run(args),
-        Mode::Replica(args) => replica(args),
+        Mode::Replica(args) => replica(*args),
     }
 }
 

@@ -161,6 +161,14 @@ pub enum Event {
         /// The payload itself for small control messages (bitmap words).
         inline: Vec<u8>,
     },
+    /// The transport received bytes it refused (bad magic, checksum, oversized ...).
+    PeerGarbage {
+        reason: String,
+    },
+    /// Writing the on-disk metadata failed: the disk is treated as failed.
+    MetadataFailed {
+        reason: String,
+    },
     /// Result of `Action::OutdatePeer`.
     OutdatePeerDone {
         ok: bool,
@@ -972,6 +980,14 @@ impl Replica {
                     self.protocol_error(&reason, &mut out);
                 }
             }
+            Event::PeerGarbage { reason } => {
+                if self.conn != ConnState::StandAlone && self.conn != ConnState::Connecting {
+                    self.protocol_error(&reason, &mut out);
+                }
+            }
+            Event::MetadataFailed { reason } => {
+                self.disk_failed(&format!("metadata write failed: {reason}"), &mut out);
+            }
             Event::OutdatePeerDone { ok, detail } => self.on_outdate_done(ok, &detail, &mut out),
             Event::Admin(cmd) => self.on_admin(cmd, &mut out),
         }
@@ -1265,13 +1281,16 @@ impl Replica {
 
     /// Once connected and no write or flush waits for the fencing gate, close it: the
     /// next disconnect must fence again.
-    fn maybe_close_gate(&mut self) {
-        let waiting = self.writes.values().any(|w| w.peer == PeerStage::Lost)
+    fn gate_waiters(&self) -> bool {
+        self.writes.values().any(|w| w.peer == PeerStage::Lost)
             || self
                 .flushes
                 .values()
-                .any(|f| f.barrier.is_none() && !f.peer_done);
-        if self.is_connected() && !waiting {
+                .any(|f| f.barrier.is_none() && !f.peer_done)
+    }
+
+    fn maybe_close_gate(&mut self) {
+        if self.is_connected() && !self.gate_waiters() {
             self.alone = AloneGate::Closed;
             self.alone_generation_done = false;
         }
@@ -2234,8 +2253,12 @@ impl Replica {
 
     /// Common bookkeeping once the handshake accepted the peer.
     fn connected(&mut self, out: &mut Vec<Action>) {
-        // Writes issued while disconnected still need the gate they were waiting for.
-        self.maybe_close_gate();
+        // Writes issued while disconnected still need the gate they were waiting for;
+        // otherwise the next disconnect must fence (and start a generation) again.
+        if !self.gate_waiters() {
+            self.alone = AloneGate::Closed;
+            self.alone_generation_done = false;
+        }
         self.next_seq = 1;
         self.barrier = 1;
         self.recv.clear();

@@ -602,6 +602,30 @@ impl MetadataFile {
         Ok(())
     }
 
+    /// Writes one on-disk bitmap block from raw words (as the replication core hands
+    /// them out in `PersistBitmap`).
+    pub fn write_bitmap_words(&self, block: usize, words: &[u64]) -> Result<()> {
+        let idx = u64::try_from(block).unwrap_or(u64::MAX);
+        if idx >= self.layout.bitmap_blocks || words.len() > WORDS_PER_BLOCK {
+            return Err(TandemError::BadMetadata {
+                path: self.path.clone(),
+                reason: format!(
+                    "bitmap block {block} with {} words is out of range",
+                    words.len()
+                ),
+            });
+        }
+        let mut b = [0u8; MD_BLOCK_USIZE];
+        put32(&mut b, 0, BM_MAGIC);
+        put32(&mut b, 4, u32::try_from(block).unwrap_or(u32::MAX));
+        for (i, w) in words.iter().enumerate() {
+            put64(&mut b, 16 + 8 * i, *w);
+        }
+        let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+        put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+        self.write_block(self.layout.bitmap_block(idx), &b)
+    }
+
     /// Loads the on-disk bitmap into a new [`Bitmap`]; bad blocks come back all-dirty.
     pub fn read_bitmap(&self) -> Result<(Bitmap, BitmapLoad)> {
         let mut bitmap = Bitmap::new(self.sb.data_size_bytes, self.sb.bitmap_granularity);

@@ -3,6 +3,8 @@
 pub mod cluster;
 mod fixture;
 mod lock;
+mod md;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -61,6 +63,13 @@ pub enum Command {
     Lock(lock::LockArgs),
     /// The lock manager's locks on this node (table or --json).
     Locks(lock::LocksArgs),
+    /// Write fresh replication metadata (internal or external) for a volume's replica.
+    CreateMd(md::CreateMdArgs),
+    /// Show a replica's on-disk metadata (text or --json).
+    DumpMd(md::DumpMdArgs),
+    /// Drive a standalone replica (`tandemd replica`) through its control socket.
+    #[command(subcommand)]
+    Replica(volume::ReplicaCommand),
 }
 
 /// Runs tandemctl with the given arguments; returns the process exit code.
@@ -79,5 +88,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::CheckConfig { file } => cluster::check_config(&file.unwrap_or(target.config)),
         Command::Lock(args) => lock::run_lock(args, target.socket.as_deref()),
         Command::Locks(args) => lock::run_locks(args, target.socket.as_deref()),
+        Command::CreateMd(args) => md::create(args),
+        Command::DumpMd(args) => md::dump(args),
+        Command::Replica(cmd) => volume::run(cmd, target.socket.as_deref()),
     }
 }

@@ -1,0 +1,309 @@
+//! [`Volume`]: the handle the daemon, the frontends and the cluster drive a replicated
+//! volume through.
+//!
+//! Seams for the cluster layer:
+//! - roles and links: [`Volume::promote`], [`Volume::demote`], [`Volume::connect`],
+//!   [`Volume::disconnect`], [`Volume::discard_my_data`];
+//! - fencing: a [`Fencer`] is asked to record the peer as outdated before the primary
+//!   acknowledges any write without it (DRBD's `fence-peer` handler); the cluster bumps
+//!   the epoch with [`Volume::set_epoch`] (a returning old primary is then refused and
+//!   outdated) and marks a secondary outdated with [`Volume::outdate`];
+//! - observation: [`Volume::status`] (a serde snapshot) and [`Volume::events`] (a stream
+//!   like `drbdsetup events2`);
+//! - transport: a [`PeerConnector`](super::transport::PeerConnector) hands the volume
+//!   connected streams, so the cluster can authenticate them first.
+
+use super::core::{Admin, IoFailure, Notice, ResyncConfig, Status};
+use super::transport::{BoxFuture, PeerConnector};
+use super::types::{Epoch, FencingPolicy, NodeId, Protocol, SplitBrainPolicy};
+use crate::error::{Result, TandemError};
+use crate::store::{AlignedBuf, DataBuf, Engine};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Records the peer as outdated (or refuses to) before a primary writes alone.
+///
+/// The cluster implements it through its replicated log (needs quorum); standalone mode
+/// uses [`LocalFencer`]. An `Err` keeps application I/O suspended under
+/// `resource-and-stonith` until a retry succeeds or the peer reconnects.
+pub trait Fencer: Send + Sync + std::fmt::Debug + 'static {
+    fn outdate_peer(&self, volume: &str) -> BoxFuture<std::result::Result<(), String>>;
+}
+
+/// Standalone fencing: a fixed local decision (there is nobody to ask).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalFencer {
+    /// Treat the peer as outdated (true) or refuse (false: I/O stays suspended).
+    pub allow: bool,
+}
+
+impl Fencer for LocalFencer {
+    fn outdate_peer(&self, volume: &str) -> BoxFuture<std::result::Result<(), String>> {
+        let allow = self.allow;
+        let volume = volume.to_owned();
+        Box::pin(async move {
+            if allow {
+                tracing::warn!(volume = %volume, "standalone mode: assuming the peer is outdated (no cluster to record it)");
+                Ok(())
+            } else {
+                Err("standalone fencing policy refuses to write without the peer".into())
+            }
+        })
+    }
+}
+
+/// Where the metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetadataLocation {
+    /// At the end of the backing device.
+    Internal,
+    /// In a separate file or device.
+    External(PathBuf),
+}
+
+/// How to run one replicated volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub backing: PathBuf,
+    pub metadata: MetadataLocation,
+    pub engine: Engine,
+    /// I/O threads (one io_uring each).
+    pub io_threads: usize,
+    pub protocol: Protocol,
+    pub fencing: FencingPolicy,
+    pub split_brain: SplitBrainPolicy,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub resync: ResyncConfig,
+}
+
+impl VolumeConfig {
+    /// Defaults: internal metadata, io_uring, protocol C, 1 s pings, 5 s timeout.
+    pub fn new(name: &str, backing: PathBuf) -> Self {
+        Self {
+            name: name.to_owned(),
+            backing,
+            metadata: MetadataLocation::Internal,
+            engine: Engine::Uring,
+            io_threads: 1,
+            protocol: Protocol::C,
+            fencing: FencingPolicy::ResourceAndStonith,
+            split_brain: SplitBrainPolicy::Disconnect,
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
+            resync: ResyncConfig::default(),
+        }
+    }
+}
+
+/// One entry of the events stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEvent {
+    pub volume: String,
+    pub node_id: NodeId,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    #[serde(flatten)]
+    pub notice: Notice,
+}
+
+/// What the status snapshot adds to the core's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub backing: PathBuf,
+    pub peer: Option<String>,
+    #[serde(flatten)]
+    pub replica: Status,
+}
+
+pub(super) enum AppOp {
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        data: DataBuf,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+        zeroes: bool,
+    },
+}
+
+pub(super) type AppReply = std::result::Result<Option<AlignedBuf>, IoFailure>;
+
+pub(super) enum Command {
+    App(AppOp, oneshot::Sender<AppReply>),
+    Admin(Admin, oneshot::Sender<std::result::Result<(), String>>),
+    Status(oneshot::Sender<VolumeStatus>),
+}
+
+/// A handle to a running volume (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub(super) name: Arc<str>,
+    pub(super) tx: mpsc::UnboundedSender<super::shell::Input>,
+    pub(super) events: broadcast::Sender<VolumeEvent>,
+    pub(super) size_bytes: u64,
+    pub(super) block_bytes: u64,
+}
+
+impl Volume {
+    /// Opens the backing store and metadata and starts the volume's task. The volume
+    /// starts secondary and, when `connector` is given, connecting.
+    pub async fn start(
+        config: VolumeConfig,
+        connector: Option<Arc<dyn PeerConnector>>,
+        fencer: Arc<dyn Fencer>,
+    ) -> Result<Self> {
+        super::shell::start(config, connector, fencer).await
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Exported size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Offset and length alignment of requests.
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    fn gone(&self) -> TandemError {
+        TandemError::VolumeGone(self.name.to_string())
+    }
+
+    async fn app(&self, op: AppOp) -> Result<Option<AlignedBuf>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(super::shell::Input::Command(Command::App(op, tx)))
+            .map_err(|_| self.gone())?;
+        match rx.await.map_err(|_| self.gone())? {
+            Ok(buf) => Ok(buf),
+            Err(IoFailure::Refused(reason)) => Err(TandemError::VolumeState {
+                volume: self.name.to_string(),
+                operation: "I/O".into(),
+                reason,
+            }),
+            Err(IoFailure::Io(reason)) => Err(TandemError::VolumeIo {
+                volume: self.name.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf> {
+        self.app(AppOp::Read { offset, len })
+            .await?
+            .ok_or_else(|| TandemError::VolumeIo {
+                volume: self.name.to_string(),
+                reason: "read returned no data".into(),
+            })
+    }
+
+    /// Writes `data` at `offset`; `fua` = durable on both nodes before completion.
+    pub async fn write(&self, offset: u64, data: DataBuf, fua: bool) -> Result<()> {
+        self.app(AppOp::Write { offset, data, fua }).await.map(drop)
+    }
+
+    /// Makes every completed write durable on both nodes.
+    pub async fn flush(&self) -> Result<()> {
+        self.app(AppOp::Flush).await.map(drop)
+    }
+
+    /// Discards (`zeroes = false`) or zeroes a range.
+    pub async fn trim(&self, offset: u64, len: u64, zeroes: bool) -> Result<()> {
+        self.app(AppOp::Trim {
+            offset,
+            len,
+            zeroes,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn admin(&self, cmd: Admin) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let operation = format!("{cmd:?}");
+        self.tx
+            .send(super::shell::Input::Command(Command::Admin(cmd, tx)))
+            .map_err(|_| self.gone())?;
+        rx.await
+            .map_err(|_| self.gone())?
+            .map_err(|reason| TandemError::VolumeState {
+                volume: self.name.to_string(),
+                operation,
+                reason,
+            })
+    }
+
+    /// Becomes primary (`force` also promotes an Inconsistent or Outdated disk).
+    pub async fn promote(&self, force: bool) -> Result<()> {
+        self.admin(Admin::Promote { force }).await
+    }
+    /// Becomes secondary (refused while writes are in flight).
+    pub async fn demote(&self) -> Result<()> {
+        self.admin(Admin::Demote).await
+    }
+    /// Starts connecting to the peer.
+    pub async fn connect(&self) -> Result<()> {
+        self.admin(Admin::Connect).await
+    }
+    /// Drops the peer connection and stays standalone.
+    pub async fn disconnect(&self) -> Result<()> {
+        self.admin(Admin::Disconnect).await
+    }
+    /// Resolves a split brain on the next connect by discarding this node's changes.
+    pub async fn discard_my_data(&self) -> Result<()> {
+        self.admin(Admin::DiscardMyData).await
+    }
+    /// The cluster moved to a newer fencing epoch.
+    pub async fn set_epoch(&self, epoch: Epoch) -> Result<()> {
+        self.admin(Admin::SetEpoch(epoch)).await
+    }
+    /// The cluster recorded this (disconnected secondary) disk as outdated.
+    pub async fn outdate(&self) -> Result<()> {
+        self.admin(Admin::Outdate).await
+    }
+    /// Starts an online verify (connected, not syncing).
+    pub async fn verify(&self) -> Result<()> {
+        self.admin(Admin::StartVerify).await
+    }
+    /// Changes the resync rate limit (bytes/s, 0 = unlimited).
+    pub async fn set_resync_rate(&self, max_bytes_per_sec: u64) -> Result<()> {
+        self.admin(Admin::SetResyncRate { max_bytes_per_sec }).await
+    }
+    /// Writes metadata back cleanly and stops the volume.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.admin(Admin::Shutdown).await
+    }
+
+    /// The status snapshot.
+    pub async fn status(&self) -> Result<VolumeStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(super::shell::Input::Command(Command::Status(tx)))
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// Subscribes to state changes.
+    pub fn events(&self) -> broadcast::Receiver<VolumeEvent> {
+        self.events.subscribe()
+    }
+}
