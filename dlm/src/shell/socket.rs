@@ -423,7 +423,11 @@ fn handle(
             return send(tx, &ok(id));
         }
     };
-    let rx = client.start(event, lock);
+    let mut rx = client.start(event, lock);
+    // Most requests end in the step that made them: answer without a task.
+    if let Ok(outcome) = rx.try_recv() {
+        return send(tx, &response(id, outcome));
+    }
     let tx = tx.clone();
     tokio::spawn(async move {
         let outcome = rx.await.unwrap_or(Err(Status::Evicted));
