@@ -1,6 +1,7 @@
 //! Core tests: feed events, assert exact actions.
 
 use super::*;
+use crate::types::Lvb;
 
 fn key(name: &str) -> ResourceKey {
     ResourceKey::new("ls", name.as_bytes()).unwrap()
@@ -327,4 +328,228 @@ fn unused_resource_is_released_after_toss_time() {
     d.step(Event::Tick { now_ms: 10_001 });
     assert_eq!(d.mastered().count(), 0);
     d.check_invariants().unwrap();
+}
+
+/// A hand-driven cluster: every message is delivered in order until none is left.
+struct Cluster {
+    nodes: BTreeMap<u32, Dlm>,
+    inbox: VecDeque<(u32, u32, Message)>,
+    epoch: u64,
+}
+
+impl Cluster {
+    fn new(ids: &[u32]) -> Cluster {
+        let mut c = Cluster {
+            nodes: ids
+                .iter()
+                .map(|n| (*n, Dlm::new(NodeId(*n), Incarnation(1), Config::default())))
+                .collect(),
+            inbox: VecDeque::new(),
+            epoch: 0,
+        };
+        c.membership(ids);
+        c
+    }
+
+    fn route(&mut self, from: u32, actions: Vec<Action>) -> Vec<Action> {
+        let mut rest = Vec::new();
+        for a in actions {
+            match a {
+                Action::Send { to, message } => self.inbox.push_back((from, to.0, message)),
+                a => rest.push(a),
+            }
+        }
+        rest
+    }
+
+    fn run(&mut self) -> Vec<Action> {
+        let mut seen = Vec::new();
+        while let Some((from, to, message)) = self.inbox.pop_front() {
+            let Some(node) = self.nodes.get_mut(&to) else {
+                continue;
+            };
+            let acts = node.step(Event::Message {
+                from: NodeId(from),
+                incarnation: Incarnation(1),
+                message,
+            });
+            seen.extend(self.route(to, acts));
+            for n in self.nodes.values() {
+                n.check_invariants().unwrap();
+            }
+        }
+        seen
+    }
+
+    fn step(&mut self, node: u32, event: Event) -> Vec<Action> {
+        let acts = self.nodes.get_mut(&node).unwrap().step(event);
+        let mut seen = self.route(node, acts);
+        seen.extend(self.run());
+        seen
+    }
+
+    fn membership(&mut self, ids: &[u32]) {
+        self.epoch += 1;
+        let members = members(ids);
+        for n in ids {
+            let acts = self.nodes.get_mut(n).unwrap().step(Event::Membership {
+                epoch: Epoch(self.epoch),
+                members: members.clone(),
+            });
+            self.route(*n, acts);
+        }
+        self.run();
+    }
+
+    /// Node `dead` crashes: survivors get the new membership and its fencing.
+    fn crash(&mut self, dead: u32) -> Vec<Action> {
+        self.nodes.remove(&dead);
+        self.inbox.retain(|(f, t, _)| *f != dead && *t != dead);
+        let ids: Vec<u32> = self.nodes.keys().copied().collect();
+        self.membership(&ids);
+        let mut seen = Vec::new();
+        for n in ids {
+            seen.extend(self.step(
+                n,
+                Event::FenceConfirmed {
+                    node: NodeId(dead),
+                    incarnation: Incarnation(1),
+                },
+            ));
+        }
+        for n in self.nodes.values() {
+            assert_eq!(n.state(), NodeState::Running);
+        }
+        seen
+    }
+
+    fn lock(
+        &mut self,
+        node: u32,
+        client: u64,
+        name: &str,
+        mode: Mode,
+        flags: Flags,
+    ) -> (LockId, Completion) {
+        let id = self.nodes.get_mut(&node).unwrap().allocate_lock_id();
+        let acts = self.step(
+            node,
+            Event::Lock {
+                client: ClientId(client),
+                lock: id,
+                resource: key(name),
+                mode,
+                flags,
+            },
+        );
+        (id, completion(&acts, id))
+    }
+
+    fn convert(
+        &mut self,
+        node: u32,
+        client: u64,
+        lock: LockId,
+        mode: Mode,
+        lvb: Option<Lvb>,
+    ) -> Completion {
+        let acts = self.step(
+            node,
+            Event::Convert {
+                client: ClientId(client),
+                lock,
+                mode,
+                flags: Flags::VALBLK,
+                lvb,
+            },
+        );
+        completion(&acts, lock)
+    }
+}
+
+fn completion(actions: &[Action], lock: LockId) -> Completion {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Complete(c) if c.lock == lock => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no completion for {lock} in {actions:?}"))
+}
+
+fn value(b: u8) -> Lvb {
+    let mut v = [0u8; 32];
+    v[0] = b;
+    Lvb(v)
+}
+
+#[test]
+fn departed_ex_holder_invalidates_the_value_block() {
+    let mut c = Cluster::new(&[1, 2]);
+    let (a, g) = c.lock(1, 1, "r", Mode::NL, Flags::VALBLK);
+    assert!(g.lvb.unwrap().valid);
+    let (_b, g) = c.lock(2, 2, "r", Mode::EX, Flags::VALBLK);
+    assert_eq!(g.mode, Some(Mode::EX));
+    c.crash(2);
+    let g = c.convert(1, 1, a, Mode::PR, None);
+    assert_eq!(g.status, Status::Granted);
+    assert!(
+        !g.lvb.unwrap().valid,
+        "a dead EX holder's update may be lost: {g:?}"
+    );
+}
+
+#[test]
+fn lost_master_value_block_recovered_from_a_surviving_pr_holder() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    let (_m, _) = c.lock(1, 1, "r", Mode::NL, Flags::VALBLK); // node 1 masters "r"
+    let (w, g) = c.lock(2, 2, "r", Mode::EX, Flags::VALBLK);
+    assert_eq!(g.mode, Some(Mode::EX));
+    let g = c.convert(2, 2, w, Mode::PR, Some(value(42)));
+    assert_eq!(g.lvb.unwrap().value, value(42));
+    let (r, _) = c.lock(3, 3, "r", Mode::NL, Flags::VALBLK);
+    assert!(c.nodes[&1].mastered().any(|(k, _)| *k == key("r")));
+    c.crash(1);
+    let g = c.convert(3, 3, r, Mode::PR, None);
+    assert_eq!(g.status, Status::Granted);
+    let lvb = g.lvb.unwrap();
+    assert!(lvb.valid, "{g:?}");
+    assert_eq!(lvb.value, value(42));
+}
+
+#[test]
+fn lost_master_with_only_nl_holders_left_marks_the_value_block_invalid() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    let (_m, _) = c.lock(1, 1, "r", Mode::NL, Flags::VALBLK);
+    let (w, _) = c.lock(2, 2, "r", Mode::EX, Flags::VALBLK);
+    c.convert(2, 2, w, Mode::NL, Some(value(7)));
+    let (r, _) = c.lock(3, 3, "r", Mode::NL, Flags::VALBLK);
+    c.crash(1);
+    let g = c.convert(3, 3, r, Mode::PR, None);
+    assert_eq!(g.status, Status::Granted);
+    assert!(!g.lvb.unwrap().valid, "{g:?}");
+}
+
+#[test]
+fn request_waiting_on_a_dead_master_is_granted_after_recovery() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    let (_h, _) = c.lock(1, 1, "r", Mode::EX, Flags::NONE); // node 1 masters and holds
+    let id = c.nodes.get_mut(&2).unwrap().allocate_lock_id();
+    let acts = c.step(
+        2,
+        Event::Lock {
+            client: ClientId(2),
+            lock: id,
+            resource: key("r"),
+            mode: Mode::PR,
+            flags: Flags::NONE,
+        },
+    );
+    assert!(
+        acts.iter().all(|a| !matches!(a, Action::Complete(_))),
+        "{acts:?}"
+    );
+    let acts = c.crash(1);
+    let g = completion(&acts, id);
+    assert_eq!((g.status, g.mode), (Status::Granted, Some(Mode::PR)));
 }
