@@ -160,6 +160,7 @@ async fn switchover(node: &Node, volume: &str, to: Option<&str>) -> Reply {
         },
     };
     let started = Instant::now();
+    let from = node.state().volumes.get(volume).and_then(|v| v.primary);
     match node
         .propose(Command::RequestSwitchover {
             volume: volume.to_owned(),
@@ -173,27 +174,21 @@ async fn switchover(node: &Node, volume: &str, to: Option<&str>) -> Reply {
         }
         Err(e) => return Reply::error(format!("switchover not recorded: {e}")),
     }
-    let wanted = node
-        .state()
-        .volumes
-        .get(volume)
-        .and_then(|v| v.switchover_to);
+    // Done when someone other than the old primary (the target, if one was named) is
+    // primary. This node's copy of the log may lag the leader's: wait on it.
     let mut state = node.watch_state();
     let deadline = Duration::from_secs(30);
     let result = tokio::time::timeout(deadline, async {
         loop {
             let done = {
                 let s = state.borrow_and_update();
-                let v = s.volumes.get(volume);
-                v.is_some_and(|v| v.primary.is_some() && v.primary == wanted)
-                    || v.is_some_and(|v| {
-                        v.switchover_to.is_none() && v.primary.is_some() && wanted.is_none()
-                    })
+                s.volumes.get(volume).is_some_and(|v| {
+                    v.primary.is_some()
+                        && v.primary != from
+                        && target.is_none_or(|t| v.primary == Some(t))
+                })
             };
-            if done {
-                return;
-            }
-            if state.changed().await.is_err() {
+            if done || state.changed().await.is_err() {
                 return;
             }
         }

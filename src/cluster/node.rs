@@ -410,7 +410,17 @@ impl Node {
             proposer: self.inner.me,
             at: Millis(wall_ms()),
         };
-        match tokio::time::timeout(timeout, self.propose_once(proposal)).await {
+        // While an election runs there is no leader to take the proposal: retry until
+        // one is elected or the time is up.
+        let attempt = async {
+            loop {
+                match self.propose_once(proposal.clone()).await {
+                    Err(NodeError::NoLeader) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(NodeError::ProposeTimeout(timeout)),
         }
