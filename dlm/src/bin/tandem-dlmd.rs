@@ -154,6 +154,21 @@ async fn main() -> anyhow::Result<()> {
             .max(node.epoch());
         let mut desired: BTreeMap<NodeId, Incarnation> = up.clone();
         desired.insert(me, incarnation);
+        // Decide only with every live peer's epoch known (a connection's hello comes
+        // before its first heartbeat).
+        if up
+            .keys()
+            .any(|p| heard.get(p).is_some_and(|s| !s.heartbeat_seen))
+        {
+            continue;
+        }
+        let fingerprint = membership_fingerprint(&desired);
+        // A peer that already formed this very membership fixes its epoch.
+        let formed = heard
+            .values()
+            .filter(|s| s.age < suspect && s.members == fingerprint && s.epoch > node.epoch())
+            .map(|s| s.epoch)
+            .max();
         match &members {
             None => {
                 let all_up = peers.keys().all(|p| up.contains_key(p));
@@ -161,18 +176,11 @@ async fn main() -> anyhow::Result<()> {
                     continue;
                 }
             }
-            Some(current) if *current == desired => continue,
+            // Same members, but peers moved to a later epoch for them: follow.
+            Some(current) if *current == desired && formed.is_none() => continue,
             Some(_) => {}
         }
-        // A peer that already formed this very membership fixes its epoch; otherwise
-        // the next one after the highest seen.
-        let fingerprint = membership_fingerprint(&desired);
-        let epoch = heard
-            .values()
-            .filter(|s| s.age < suspect && s.members == fingerprint && s.epoch > node.epoch())
-            .map(|s| s.epoch)
-            .max()
-            .unwrap_or(Epoch(max_epoch.0 + 1));
+        let epoch = formed.unwrap_or(Epoch(max_epoch.0 + 1));
         node.membership(epoch, desired.clone());
         members = Some(desired);
     }

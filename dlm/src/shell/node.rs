@@ -68,6 +68,7 @@ struct Seen {
     at: Instant,
     epoch: Epoch,
     members: u64,
+    heartbeat_seen: bool,
 }
 
 /// A fingerprint of a member set, the same on every node (carried in heartbeats so
@@ -145,12 +146,20 @@ impl Shared {
             at: Instant::now(),
             epoch: Epoch(0),
             members: 0,
+            heartbeat_seen: false,
         });
-        e.incarnation = incarnation;
+        if e.incarnation != incarnation {
+            // A new life of the peer: what we knew of the old one is void.
+            e.incarnation = incarnation;
+            e.epoch = Epoch(0);
+            e.members = 0;
+            e.heartbeat_seen = false;
+        }
         e.at = Instant::now();
         if let Some((ep, members)) = epoch {
             e.epoch = ep;
             e.members = members;
+            e.heartbeat_seen = true;
         }
     }
 
@@ -334,6 +343,8 @@ pub struct PeerSeen {
     pub epoch: Epoch,
     /// Fingerprint of its member set.
     pub members: u64,
+    /// A heartbeat arrived (so `epoch` and `members` are known).
+    pub heartbeat_seen: bool,
 }
 
 /// A lock as `tandemctl locks` shows it.
@@ -541,6 +552,7 @@ impl Node {
                         age: s.at.elapsed(),
                         epoch: s.epoch,
                         members: s.members,
+                        heartbeat_seen: s.heartbeat_seen,
                     },
                 )
             })
