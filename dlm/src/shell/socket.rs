@@ -220,64 +220,78 @@ fn error(id: u64, message: String) -> Response {
     }
 }
 
+/// One client connection, in one task: requests are read and answered here (most end
+/// in the step that made them); answers that come later and blocking callbacks arrive
+/// through channels and are written by the same task.
 async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let writer = tokio::spawn(async move {
-        while let Some(mut line) = rx.recv().await {
-            line.push('\n');
-            if wr.write_all(line.as_bytes()).await.is_err() {
-                break;
-            }
-        }
-    });
     let mut client = LockClient::new(shared.clone());
-    if let Some(mut basts) = client.blocking_callbacks() {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(b) = basts.recv().await {
+    let Some(mut basts) = client.blocking_callbacks() else {
+        return;
+    };
+    let mut lines = BufReader::new(rd).lines();
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => request_line(&shared, &client, &tx, &line, admin),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client connection");
+                    break;
+                }
+            },
+            Some(text) = rx.recv() => {
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'\n');
+            }
+            Some(b) = basts.recv() => {
                 let line = EventLine {
                     event: "blocking".into(),
                     lock: b.lock.0,
                     mode: b.mode.name().into(),
                 };
-                if let Ok(text) = serde_json::to_string(&line)
-                    && tx.send(text).is_err()
-                {
-                    break;
+                if let Ok(text) = serde_json::to_string(&line) {
+                    out.extend_from_slice(text.as_bytes());
+                    out.push(b'\n');
                 }
             }
-        });
-    }
-    let mut lines = BufReader::new(rd).lines();
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(l)) => l,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::debug!(error = %e, "client connection");
+        }
+        while let Ok(text) = rx.try_recv() {
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'\n');
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
                 break;
             }
-        };
-        if line.trim().is_empty() {
-            continue;
+            out.clear();
         }
-        let request: Request = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                let id = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
-                    .unwrap_or(0);
-                send(&tx, &error(id, format!("bad request: {e}")));
-                continue;
-            }
-        };
-        handle(&shared, &client, &tx, request, admin);
     }
     drop(client);
-    drop(tx);
-    let _ = writer.await;
+}
+
+fn request_line(
+    shared: &Arc<Shared>,
+    client: &LockClient,
+    tx: &mpsc::UnboundedSender<String>,
+    line: &str,
+    admin: bool,
+) {
+    if line.trim().is_empty() {
+        return;
+    }
+    match serde_json::from_str::<Request>(line) {
+        Ok(request) => handle(shared, client, tx, request, admin),
+        Err(e) => {
+            let id = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
+                .unwrap_or(0);
+            send(tx, &error(id, format!("bad request: {e}")));
+        }
+    }
 }
 
 fn send(tx: &mpsc::UnboundedSender<String>, r: &Response) {
