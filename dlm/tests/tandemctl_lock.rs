@@ -129,6 +129,72 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("1..=64"),
         "{bad:?}"
     );
+    // Over the socket protocol directly: a waiting request gives the holder a blocking
+    // callback event; closing the holder's connection releases its lock.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tandem_dlm::shell::SocketClient;
+        use tandem_dlm::shell::socket::Op;
+        let lock_op = |mode: &str| Op::Lock {
+            lockspace: "ls".into(),
+            name: "sock".into(),
+            mode: mode.into(),
+            flags: vec![],
+        };
+        let mut holder = SocketClient::connect(&socket).await.unwrap();
+        let r = holder.call(lock_op("ex")).await.unwrap();
+        assert_eq!(r.status.as_deref(), Some("granted"));
+        let waiter = tokio::spawn({
+            let socket = socket.clone();
+            async move {
+                let mut c = SocketClient::connect(&socket).await.unwrap();
+                c.call(Op::Lock {
+                    lockspace: "ls".into(),
+                    name: "sock".into(),
+                    mode: "pr".into(),
+                    flags: vec![],
+                })
+                .await
+                .unwrap()
+            }
+        });
+        let t0 = Instant::now();
+        loop {
+            holder.call(Op::Status).await.unwrap();
+            let events = holder.take_events();
+            if let Some(e) = events.first() {
+                assert_eq!(
+                    (e.event.as_str(), e.lock, e.mode.as_str()),
+                    ("blocking", r.lock.unwrap(), "pr")
+                );
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no blocking callback"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let bad = holder
+            .call(Op::Convert {
+                lock: r.lock.unwrap(),
+                mode: "xx".into(),
+                flags: vec![],
+                lvb: None,
+            })
+            .await;
+        assert!(bad.unwrap_err().to_string().contains("unknown lock mode"));
+        drop(holder);
+        let granted = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(granted.status.as_deref(), Some("granted"));
+    });
+
     // Nothing is left.
     let status: serde_json::Value =
         serde_json::from_slice(&ctl(&socket, &["locks", "--json"]).stdout).unwrap();
