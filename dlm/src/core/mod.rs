@@ -674,7 +674,8 @@ impl Dlm {
         self.mastered.iter()
     }
 
-    /// True if nothing is pending, owned, mastered or cached (an idle node).
+    /// True if this node's clients own no locks and no resource it masters has any
+    /// (empty resources may still be kept for a while, see [`Config::toss_ms`]).
     pub fn is_quiet(&self) -> bool {
         self.locks.is_empty() && self.mastered.values().all(Resource::is_empty)
     }
