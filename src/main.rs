@@ -66,13 +66,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let fencer = tandem::cluster::fencing::ReservationFencer::from_config(&config, &node)
-            .map(std::sync::Arc::new);
         let options = tandem::cluster::daemon::DaemonOptions {
             config,
             node,
             drivers: std::collections::BTreeMap::new(),
-            fencer,
             latency: None,
         };
         tandem::cluster::daemon::run(options).await

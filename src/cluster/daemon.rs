@@ -18,9 +18,8 @@ pub type LatencySource = Arc<dyn Fn() -> Vec<(String, LatencyHistogram)> + Send 
 pub struct DaemonOptions {
     pub config: Config,
     pub node: String,
+    /// Extra volume drivers (tests); the configured volumes are started by `run`.
     pub drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
-    /// Reservation fencing for volumes on shared devices.
-    pub fencer: Option<Arc<ReservationFencer>>,
     pub latency: Option<LatencySource>,
 }
 
@@ -42,13 +41,30 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     let DaemonOptions {
         config,
         node: name,
-        drivers,
-        fencer,
+        mut drivers,
         latency,
     } = options;
+    let fencer = ReservationFencer::from_config(&config, &name).map(Arc::new);
+    // Volumes first (the node needs their drivers); they reach the node through `slot`.
+    let slot: super::replica::NodeSlot = Arc::default();
+    let replicated = super::replica::start_volumes(&config, &name, &slot).await?;
+    for volume in &replicated {
+        drivers.insert(volume.volume().name().to_owned(), Arc::new(volume.clone()));
+    }
+    for volume in &config.volumes {
+        if let Some(on_node) = volume.on_node(&name)
+            && let Some(device) = on_node.shared_devices.first()
+        {
+            drivers.insert(
+                volume.name.clone(),
+                Arc::new(super::shared::SharedDisk::new(device.clone())),
+            );
+        }
+    }
     let metrics_address = config.node_by_name(&name).and_then(|n| n.metrics);
     let control_path = config.control_socket(&name);
     let self_check_period = Duration::from_millis(config.cluster.quorum_lease_ms);
+    let config_copy = config.clone();
     let node = Node::start(NodeOptions {
         config,
         node: name.clone(),
@@ -56,6 +72,10 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         fencer: fencer.clone().map(|f| f as Arc<dyn Fencer>),
     })
     .await?;
+    if slot.set(node.clone()).is_err() {
+        tracing::error!("the node was started twice");
+    }
+    let _exports = start_frontends(&config_copy, &name, &replicated).await?;
     // The self-check: if our key disappears from a shared device we were fenced — stop
     // writing there at once, before anything else.
     let mut self_checks = Vec::new();
@@ -140,5 +160,58 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         task.stop();
     }
     node.shutdown().await;
+    for volume in &replicated {
+        if let Err(e) = volume.volume().shutdown().await {
+            tracing::warn!(volume = %volume.volume().name(), error = %e, "volume shutdown");
+        }
+    }
     Ok(())
+}
+
+/// What keeps the frontends running (dropping it does not stop them; the process does).
+#[derive(Debug, Default)]
+pub struct Frontends {
+    pub nbd: Vec<String>,
+    pub ublk: Vec<crate::frontend::ublk::UblkDevice>,
+}
+
+/// Starts the NBD exports and ublk devices the configuration asks for on this node.
+async fn start_frontends(
+    config: &Config,
+    name: &str,
+    volumes: &[super::replica::ClusterVolume],
+) -> Result<Frontends, NodeError> {
+    let mut frontends = Frontends::default();
+    for volume in volumes {
+        let Some(vc) = config.volume(volume.volume().name()) else {
+            continue;
+        };
+        let exports = crate::frontend::nbd::Exports::new(vec![volume.volume().clone()]);
+        if let Some(address) = vc.on_node(name).and_then(|o| o.nbd) {
+            if address.starts_with('/') {
+                crate::frontend::nbd::serve_unix(std::path::Path::new(&address), exports)
+                    .await
+                    .map_err(|e| {
+                        NodeError::Propose(format!("NBD export of {} on {address}: {e}", vc.name))
+                    })?;
+            } else {
+                let addr: std::net::SocketAddr = address.parse().map_err(|_| {
+                    NodeError::Propose(format!("NBD address `{address}` of {}", vc.name))
+                })?;
+                crate::frontend::nbd::serve_tcp(addr, exports)
+                    .await
+                    .map_err(|e| {
+                        NodeError::Propose(format!("NBD export of {} on {address}: {e}", vc.name))
+                    })?;
+            }
+            tracing::info!(volume = %vc.name, nbd = %address, "NBD export ready");
+            frontends.nbd.push(address);
+        }
+        if vc.ublk {
+            let device = volume.start_ublk().await?;
+            tracing::info!(volume = %vc.name, device = %device.path(), "ublk device ready");
+            frontends.ublk.push(device);
+        }
+    }
+    Ok(frontends)
 }

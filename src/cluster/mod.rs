@@ -18,6 +18,8 @@ pub mod node;
 pub mod orchestrator;
 pub mod peers;
 pub mod raft;
+pub mod replica;
+pub mod shared;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod state;

@@ -762,9 +762,16 @@ impl Node {
                 Ok(Outcome::Rejected { reason }) => Err(format!("rejected: {reason}")),
                 Err(e) => Err(e.to_string()),
             },
-            LocalAction::PromoteReplica { volume, epoch } => {
+            LocalAction::PromoteReplica {
+                volume,
+                epoch,
+                force,
+            } => {
                 driver(volume)?
-                    .apply(VolumeAction::Promote { epoch: *epoch })
+                    .apply(VolumeAction::Promote {
+                        epoch: *epoch,
+                        force: *force,
+                    })
                     .await
             }
             LocalAction::DemoteReplica { volume } => {
@@ -953,8 +960,10 @@ impl Node {
                     .map(|n| ReplicaStatus {
                         node: n.name.clone(),
                         outdated: record.outdated.contains(&n.id),
+                        // A silent node's last report is history, not state.
                         report: reports
                             .get(&n.id)
+                            .filter(|_| alive.contains(&n.id))
                             .and_then(|r| r.volumes.get(&v.name).cloned()),
                     })
                     .collect();

@@ -148,6 +148,12 @@ pub fn leader_decisions(view: LeaderView<'_>) -> Vec<Command> {
                 node,
                 expect: volume.epoch,
             });
+        } else if let Some(node) = choose_initial_primary(view, name) {
+            out.push(Command::InitialPromote {
+                volume: name.clone(),
+                node,
+                expect: volume.epoch,
+            });
         }
     }
     out
@@ -179,6 +185,28 @@ fn choose_primary(view: LeaderView<'_>, name: &str) -> Option<NodeId> {
         .find(|n| eligible(n))
 }
 
+/// A brand-new volume (never had a primary) whose replicas are all up, alive and fresh
+/// (Inconsistent): the first replica in configuration order becomes the source of the
+/// initial full sync. No acknowledged write can exist yet, so nothing can be lost.
+fn choose_initial_primary(view: LeaderView<'_>, name: &str) -> Option<NodeId> {
+    let state = view.state;
+    let volume = state.volumes.get(name)?;
+    if volume.initialized || volume.replicas.is_empty() {
+        return None;
+    }
+    let all_fresh = volume.replicas.iter().all(|node| {
+        let member = state.members.get(node);
+        let report = view.reports.get(node);
+        member.is_some_and(|m| m.up)
+            && view.alive.contains(node)
+            && report.is_some_and(|r| Some(r.incarnation) == member.map(|m| m.incarnation))
+            && report
+                .and_then(|r| r.volumes.get(name))
+                .is_some_and(|r| r.disk == DiskState::Inconsistent && !r.syncing)
+    });
+    all_fresh.then(|| volume.replicas[0])
+}
+
 /// What one node sees about itself.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalView<'a> {
@@ -205,10 +233,13 @@ pub enum LocalAction {
     Propose {
         command: Command,
     },
-    /// Make the local replica primary at `epoch` (the peer refuses older epochs).
+    /// Make the local replica primary at `epoch` (the peer refuses older epochs);
+    /// `force` makes a fresh replica the initial sync source.
     PromoteReplica {
         volume: String,
         epoch: Epoch,
+        #[serde(default)]
+        force: bool,
     },
     /// Make the local replica secondary (after flushing).
     DemoteReplica {
@@ -312,10 +343,15 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
         let switching_away = i_am_primary && volume.switchover_to.is_some_and(|t| t != me);
         if i_am_primary && !switching_away {
             if replica.role == ReplicaRole::Secondary {
-                out.push(LocalAction::PromoteReplica {
-                    volume: name.clone(),
-                    epoch: volume.epoch,
-                });
+                // Never take writes without quorum: a demoted-for-quorum-loss primary comes
+                // back only when it hears the majority again.
+                if view.quorate {
+                    out.push(LocalAction::PromoteReplica {
+                        volume: name.clone(),
+                        epoch: volume.epoch,
+                        force: volume.forced_epoch == Some(volume.epoch),
+                    });
+                }
             } else if !view.quorate {
                 if !replica.suspended {
                     out.push(LocalAction::Suspend {

@@ -479,7 +479,7 @@ impl World {
             LocalAction::Propose { command } => {
                 Ok(matches!(self.propose(id, command), Some(Outcome::Applied)))
             }
-            LocalAction::PromoteReplica { volume, epoch } => {
+            LocalAction::PromoteReplica { volume, epoch, .. } => {
                 let replica = self
                     .nodes
                     .get_mut(&id)

@@ -39,6 +39,13 @@ pub struct VolumeRecord {
     pub switchover_to: Option<NodeId>,
     /// Who was primary last (preferred on restart).
     pub last_primary: Option<NodeId>,
+    /// The volume has had a primary (its replicas hold data someone wrote).
+    #[serde(default)]
+    pub initialized: bool,
+    /// The epoch of the very first promotion, which forces a fresh (Inconsistent) replica
+    /// to become the source of the initial full sync.
+    #[serde(default)]
+    pub forced_epoch: Option<Epoch>,
 }
 
 /// A fencing the cluster is waiting for.
@@ -117,6 +124,14 @@ pub enum Command {
         node: NodeId,
         expect: Epoch,
     },
+    /// A brand-new volume's first primary: its replicas are all fresh (Inconsistent), so
+    /// one is made the source of the initial full sync. Refused once the volume has had a
+    /// primary.
+    InitialPromote {
+        volume: String,
+        node: NodeId,
+        expect: Epoch,
+    },
     /// The primary stepped down (planned switchover or shutdown).
     Demote {
         volume: String,
@@ -178,6 +193,11 @@ impl ClusterState {
                 node,
                 expect,
             } => self.promote(volume, *node, *expect),
+            Command::InitialPromote {
+                volume,
+                node,
+                expect,
+            } => self.initial_promote(volume, *node, *expect),
             Command::Demote {
                 volume,
                 node,
@@ -341,6 +361,7 @@ impl ClusterState {
         volume.primary = Some(node);
         volume.epoch = volume.epoch.next();
         volume.last_primary = Some(node);
+        volume.initialized = true;
         if volume.switchover_to.take().is_some() {
             self.switchovers += 1;
         }
@@ -351,6 +372,21 @@ impl ClusterState {
             }
         }
         Outcome::Applied
+    }
+
+    fn initial_promote(&mut self, name: &str, node: NodeId, expect: Epoch) -> Outcome {
+        if self.volumes.get(name).is_some_and(|v| v.initialized) {
+            return reject(format!(
+                "volume {name} has had a primary: no initial promotion"
+            ));
+        }
+        let outcome = self.promote(name, node, expect);
+        if outcome.is_applied()
+            && let Some(volume) = self.volumes.get_mut(name)
+        {
+            volume.forced_epoch = Some(volume.epoch);
+        }
+        outcome
     }
 
     fn demote(&mut self, name: &str, node: NodeId, expect: Epoch) -> Outcome {
@@ -768,5 +804,38 @@ mod tests {
             .is_applied()
         );
         assert_eq!(s.volumes["vol0"].switchover_to, Some(B));
+    }
+
+    #[test]
+    fn only_a_fresh_volume_gets_an_initial_promotion() {
+        let mut s = cluster();
+        let e = epoch(&s);
+        assert!(
+            s.apply(&Command::InitialPromote {
+                volume: "vol0".into(),
+                node: B,
+                expect: e
+            })
+            .is_applied()
+        );
+        let vol = &s.volumes["vol0"];
+        assert_eq!(vol.primary, Some(B));
+        assert_eq!(vol.forced_epoch, Some(vol.epoch));
+        let e = epoch(&s);
+        s.apply(&Command::Demote {
+            volume: "vol0".into(),
+            node: B,
+            expect: e,
+        });
+        let e = epoch(&s);
+        let again = s.apply(&Command::InitialPromote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        assert!(
+            matches!(again, Outcome::Rejected { ref reason } if reason.contains("has had a primary")),
+            "{again:?}"
+        );
     }
 }

@@ -17,8 +17,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What the cluster asks a local replica to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeAction {
-    /// Become primary at `epoch` (writes allowed once this returns).
-    Promote { epoch: Epoch },
+    /// Become primary at `epoch` (writes allowed once this returns); `force` makes a
+    /// fresh (Inconsistent) replica the initial sync source.
+    Promote { epoch: Epoch, force: bool },
     /// Flush and become secondary.
     Demote,
     /// The volume epoch changed; refuse peers from older epochs.
@@ -86,8 +87,8 @@ impl VolumeDriver for MemoryDriver {
         Box::pin(async move {
             let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
             match action {
-                VolumeAction::Promote { epoch } => {
-                    if !matches!(r.disk, DiskState::UpToDate | DiskState::Consistent) {
+                VolumeAction::Promote { epoch, force } => {
+                    if !force && !matches!(r.disk, DiskState::UpToDate | DiskState::Consistent) {
                         return Err(format!("cannot promote a {:?} replica", r.disk));
                     }
                     r.role = ReplicaRole::Primary;

@@ -83,6 +83,30 @@ fn disk(d: DiskState) -> &'static str {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 /// Human-readable byte counts.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -247,7 +271,9 @@ pub fn render_status(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result
             writeln!(
                 out,
                 "  {}  {}  {victim} (incarnation {}) fenced by {by}: {method}",
-                f.at.0, f.volume, f.victim_incarnation
+                utc(f.at.0),
+                f.volume,
+                f.victim_incarnation
             )?;
         }
     }
@@ -351,7 +377,7 @@ pub fn describe_event(e: &Event) -> String {
         ),
         EventKind::Stopping => "stopping".into(),
     };
-    format!("{} {} {what}", e.at_ms, e.node)
+    format!("{} {} {what}", utc(e.at_ms), e.node)
 }
 
 /// `tandemctl switchover VOLUME [--to NODE]`.
@@ -423,4 +449,22 @@ pub fn check_config(path: &Path) -> anyhow::Result<i32> {
         config.volumes.len()
     )?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_render_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(1_795_750_560_342), "2026-11-27 03:36:00.342");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+
+    #[test]
+    fn byte_counts_are_readable() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(64 << 20), "64 MiB");
+    }
 }
