@@ -247,9 +247,50 @@ async fn tcp_ping_pong(ops: u64) -> anyhow::Result<Vec<Duration>> {
     Ok(times)
 }
 
+/// The same exchange over two one-way connections (requests on one, answers on the
+/// other), the way the lock manager's peer sessions are laid out: answers cannot carry
+/// the TCP acknowledgement of the request, so every message costs an extra packet.
+async fn tcp_two_way_ping_pong(ops: u64) -> anyhow::Result<Vec<Duration>> {
+    let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let a1 = l1.local_addr()?;
+    let a2 = l2.local_addr()?;
+    tokio::spawn(async move {
+        let Ok((mut rx, _)) = l1.accept().await else {
+            return;
+        };
+        let Ok(mut tx) = tokio::net::TcpStream::connect(a2).await else {
+            return;
+        };
+        let _ = rx.set_nodelay(true);
+        let _ = tx.set_nodelay(true);
+        let mut buf = [0u8; 64];
+        while rx.read_exact(&mut buf).await.is_ok() {
+            if tx.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut tx = tokio::net::TcpStream::connect(a1).await?;
+    tx.set_nodelay(true)?;
+    let (mut rx, _) = l2.accept().await?;
+    rx.set_nodelay(true)?;
+    let mut buf = [7u8; 64];
+    let mut times = Vec::with_capacity(usize::try_from(ops).unwrap_or(0));
+    for _ in 0..ops {
+        let t = Instant::now();
+        tx.write_all(&buf).await?;
+        rx.read_exact(&mut buf).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
 struct RemoteResult {
     dlm: Vec<Duration>,
     tcp: Vec<Duration>,
+    tcp_two_way: Vec<Duration>,
 }
 
 async fn remote_latency(ops: u64) -> anyhow::Result<RemoteResult> {
@@ -279,7 +320,12 @@ async fn remote_latency(ops: u64) -> anyhow::Result<RemoteResult> {
         bail!("unexpected lock owners");
     }
     let tcp = tcp_ping_pong(ops).await?;
-    Ok(RemoteResult { dlm, tcp })
+    let tcp_two_way = tcp_two_way_ping_pong(ops).await?;
+    Ok(RemoteResult {
+        dlm,
+        tcp,
+        tcp_two_way,
+    })
 }
 
 async fn remote_throughput(clients: usize, secs: f64) -> anyhow::Result<f64> {
@@ -372,6 +418,12 @@ async fn remote(ops: u64) -> anyhow::Result<()> {
     show(
         "raw TCP ping-pong round trip, p99",
         format!("{:?}", percentile(&r.tcp, 990)),
+        "",
+    );
+    let t2 = percentile(&r.tcp_two_way, 500);
+    show(
+        "TCP ping-pong over two one-way connections, median",
+        format!("{t2:?}"),
         "",
     );
     show(
