@@ -202,18 +202,15 @@ pub fn open(path: &str, options: &OpenOptions) -> Result<Box<dyn PrTransport>> {
             Ok(Box::new(SgDevice::open(path, options.read_only, timeout)?))
         }
         DeviceKind::NvmeNamespace { .. } => Ok(Box::new(NvmeDevice::open(path, timeout)?)),
+        // Through the block layer the map is one device: dm sends IOC_PR_REGISTER to every
+        // path itself, and passes SG_IO (our reads) to the current path.
+        DeviceKind::Multipath { .. } if ioctl => {
+            Ok(Box::new(BlockPrDevice::open_scsi(path, timeout)?))
+        }
         DeviceKind::Multipath { members, .. } => {
-            let member_options = OpenOptions {
-                method: if ioctl {
-                    Method::BlockIoctl
-                } else {
-                    Method::Auto
-                },
-                ..options.clone()
-            };
             let paths = members
                 .iter()
-                .map(|m| open(&m.to_string_lossy(), &member_options))
+                .map(|m| open(&m.to_string_lossy(), options))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Box::new(Multipath::new(path, paths)))
         }
@@ -241,9 +238,10 @@ pub fn open(path: &str, options: &OpenOptions) -> Result<Box<dyn PrTransport>> {
     }
 }
 
-/// Opens every path to the LU behind `path`: the members of a multipath map, or `path`.
+/// Opens every path to the LU behind `path`: the members of a multipath map (with
+/// [`Method::Auto`]; through the block layer the map itself fans out), or `path`.
 pub fn open_paths(path: &str, options: &OpenOptions) -> Result<Vec<Box<dyn PrTransport>>> {
-    if matches!(options.method, Method::Auto | Method::BlockIoctl)
+    if options.method == Method::Auto
         && let DeviceKind::Multipath { members, .. } = identify(Path::new(path))?
     {
         return members

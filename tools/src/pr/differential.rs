@@ -349,28 +349,7 @@ impl Bench {
                     ..PrOutCommand::new(action)
                 }
             }
-            68..=72 => {
-                let dest = rng.below(self.infos.len());
-                let info = &self.infos[dest];
-                let rtpi = if rng.percent(80) {
-                    info.relative_target_port
-                } else {
-                    u16::try_from(rng.below(4)).unwrap_or(0)
-                };
-                let mut c = PrOutCommand::register_and_move(
-                    own(rng, 85),
-                    if rng.percent(10) {
-                        PrKey::ZERO
-                    } else {
-                        PrKey::new(rng.pick(&KEYS))
-                    },
-                    info.initiator.clone(),
-                    rtpi,
-                    rng.percent(30),
-                );
-                c.type_code = ty(rng);
-                c
-            }
+            68..=72 => return self.move_command(rng, n),
             73..=76 => {
                 // SPEC_I_PT: register other initiator ports too.
                 let mut others: Vec<usize> = (0..self.infos.len()).filter(|&i| i != n).collect();
@@ -429,6 +408,41 @@ impl Bench {
             }
         }
         out_command(&describe(&cmd), &cmd)
+    }
+
+    /// REGISTER AND MOVE from nexus `n` to a random nexus.
+    fn move_command(&self, rng: &mut Rng, n: usize) -> Command {
+        let me = NexusId(u16::try_from(n).unwrap_or(0));
+        let dest = rng.below(self.infos.len());
+        let info = &self.infos[dest];
+        let rtpi = if rng.percent(80) {
+            info.relative_target_port
+        } else {
+            u16::try_from(rng.below(4)).unwrap_or(0)
+        };
+        let own = match self.emu.key_of(me) {
+            Some(k) if rng.percent(85) => k,
+            _ => PrKey::new(rng.pick(&[0, KEYS[0], KEYS[1], KEYS[2]])),
+        };
+        let sark = if rng.percent(10) {
+            PrKey::ZERO
+        } else {
+            PrKey::new(rng.pick(&KEYS))
+        };
+        let mut c = PrOutCommand::register_and_move(
+            own,
+            sark,
+            info.initiator.clone(),
+            rtpi,
+            rng.percent(30),
+        );
+        c.type_code = if rng.percent(12) {
+            rng.pick(&[0u8, 2, 4, 9])
+        } else {
+            rng.pick(&[1u8, 3, 5, 6, 7, 8])
+        };
+        c.aptpl = rng.percent(12);
+        out_command(&describe(&c), &c)
     }
 
     fn data_command(&self, write: bool) -> Command {
@@ -623,8 +637,22 @@ pub(crate) fn run(
         sequences_run += 1;
         let mut history: Vec<String> = Vec::new();
         'steps: for step in 0..steps {
-            let n = rng.below(bench.real.len());
-            let cmd = bench.random_command(&mut rng, n, allow_pa);
+            // A quarter of the commands come from the reservation holder, so that RELEASE,
+            // REGISTER AND MOVE and self-preemption succeed often enough to be compared.
+            let mut n = rng.below(bench.real.len());
+            if let Some(res) = bench.emu.reservation()
+                && rng.percent(25)
+            {
+                n = usize::from(res.holder.0);
+            }
+            // And some REGISTER AND MOVEs from the holder, the only nexus it can succeed from.
+            let holder = bench.emu.reservation().map(|r| usize::from(r.holder.0));
+            let cmd = if let Some(h) = holder.filter(|_| rng.percent(6)) {
+                n = h;
+                bench.move_command(&mut rng, n)
+            } else {
+                bench.random_command(&mut rng, n, allow_pa)
+            };
             history.push(format!("nexus {n}: {}", cmd.label));
             steps_run += 1;
             let mut checks = vec![(n, cmd, true)];

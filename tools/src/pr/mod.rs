@@ -41,7 +41,7 @@ pub fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_from(subcommand_first(args.into_iter().collect())) {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = write!(out, "{e}");
@@ -91,6 +91,37 @@ pub fn run(
             exit::DEVICE_ERROR
         }
     }
+}
+
+/// Moves a subcommand named after global options (`tandem-pr --json status DEV`) to the
+/// front, where clap expects it; the options still apply, being global.
+fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let position = args
+        .iter()
+        .skip(1)
+        .position(|a| a.to_str().is_some_and(|a| names.iter().any(|n| n == a)));
+    if let Some(p) = position {
+        let at = p + 1;
+        let before_are_options = args[1..at].iter().enumerate().all(|(i, a)| {
+            let a = a.to_string_lossy();
+            a.starts_with('-')
+                || (i > 0
+                    && matches!(
+                        args[i].to_string_lossy().as_ref(),
+                        "--transport" | "--timeout-ms"
+                    ))
+        });
+        if at > 1 && before_are_options {
+            let sub = args.remove(at);
+            args.insert(1, sub);
+        }
+    }
+    args
 }
 
 /// Why a command failed.
@@ -460,6 +491,34 @@ mod tests {
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    #[test]
+    fn global_options_may_come_before_the_subcommand() {
+        let args = |v: &[&str]| {
+            v.iter()
+                .map(|s| std::ffi::OsString::from(*s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            subcommand_first(args(&[
+                "tandem-pr",
+                "--transport",
+                "ioctl",
+                "unfence",
+                "/dev/sdb"
+            ])),
+            args(&["tandem-pr", "unfence", "--transport", "ioctl", "/dev/sdb"])
+        );
+        assert_eq!(
+            subcommand_first(args(&["tandem-pr", "-k", "/dev/sdb"])),
+            args(&["tandem-pr", "-k", "/dev/sdb"])
+        );
+        // A device argument before a word that happens to be a subcommand name stays put.
+        assert_eq!(
+            subcommand_first(args(&["tandem-pr", "/dev/sdb", "status"])),
+            args(&["tandem-pr", "/dev/sdb", "status"])
+        );
     }
 
     #[test]

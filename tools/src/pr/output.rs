@@ -237,7 +237,12 @@ pub fn pr_in_hex(data: &PrInData, raw: &[u8]) -> String {
                 .get(4..8)
                 .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
             let mut s = format!("  PR generation=0x{generation:x}, Additional length={add_len}\n");
-            s.push_str(&hex_dump(raw.get(8..).unwrap_or(&[])));
+            let body = raw.get(8..).unwrap_or(&[]);
+            if body.is_empty() {
+                // sg_persist says it once more when there is nothing to dump.
+                s.push_str(&format!("Additional length={add_len}\n"));
+            }
+            s.push_str(&hex_dump(body));
             s
         }
     }
