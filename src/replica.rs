@@ -4,7 +4,7 @@
 //! `tandemctl replica primary` through the control socket), fencing is a local policy,
 //! and the peer connection is plain TCP (the side whose listen address sorts lower
 //! dials). The volume is exported over NBD (TCP on 127.0.0.0/8 and/or a unix socket)
-//! (and, with the ublk frontend, as `/dev/ublkbN`).
+//! and, with `--ublk` (root, `ublk_drv`), as `/dev/ublkbN`.
 
 use crate::error::{Result, TandemError};
 use crate::replication::core::ResyncConfig;
@@ -44,6 +44,9 @@ pub struct ReplicaArgs {
     /// NBD on a unix socket.
     #[arg(long)]
     pub nbd_socket: Option<PathBuf>,
+    /// Export as a ublk block device (root and ublk_drv needed); the path is logged.
+    #[arg(long)]
+    pub ublk: bool,
     /// Become primary at start.
     #[arg(long)]
     pub primary: bool,
@@ -174,6 +177,21 @@ pub async fn run(args: ReplicaArgs) -> Result<()> {
         let _task = crate::frontend::nbd::serve_unix(path, exports.clone()).await?;
         tracing::info!(nbd = %path.display(), "NBD export ready");
     }
+    let ublk = if args.ublk {
+        let v = volume.clone();
+        let handle = tokio::runtime::Handle::current();
+        let dev = tokio::task::spawn_blocking(move || {
+            crate::frontend::ublk::UblkDevice::start(v, handle)
+        })
+        .await
+        .map_err(|e| TandemError::Ublk {
+            what: format!("starting the device: {e}"),
+        })??;
+        tracing::info!(device = %dev.path(), "ublk device ready");
+        Some(dev)
+    } else {
+        None
+    };
     tracing::info!(control = %control_path.display(), "replica ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(TandemError::io("installing the SIGTERM handler"))?;
@@ -182,6 +200,9 @@ pub async fn run(args: ReplicaArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
+    if let Some(dev) = ublk {
+        let _ = tokio::task::spawn_blocking(move || dev.stop()).await;
+    }
     let _ = volume.demote().await;
     let r = volume.shutdown().await;
     let _ = std::fs::remove_file(&control_path);

@@ -188,7 +188,17 @@ fn garbage_from_an_nbd_client_is_refused_and_the_server_keeps_serving() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     assert!(matches!(c.stream().read(&mut buf), Ok(0) | Err(_)));
-    let log = a.log_text();
+    // The refusals are logged with their reason (the log is written asynchronously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = a.log_text();
+        if (log.contains("bad request magic") && log.contains("exceeds the"))
+            || std::time::Instant::now() > deadline
+        {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(log.contains("bad request magic"), "{log}");
     assert!(log.contains("exceeds the"), "{log}");
 

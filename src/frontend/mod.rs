@@ -2,3 +2,4 @@
 //! applications: an NBD server (any NBD client, no root needed) and a ublk block device
 //! (`/dev/ublkbN`, needs root and the `ublk_drv` module).
 pub mod nbd;
+pub mod ublk;

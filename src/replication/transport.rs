@@ -35,6 +35,7 @@ pub trait PeerConnector: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug)]
 pub struct TcpConnector {
     listener: Option<Arc<tokio::net::TcpListener>>,
+    listen: SocketAddr,
     peer: SocketAddr,
     active: bool,
 }
@@ -60,6 +61,7 @@ impl TcpConnector {
         };
         Ok(Self {
             listener,
+            listen,
             peer,
             active,
         })
@@ -69,15 +71,15 @@ impl TcpConnector {
 impl PeerConnector for TcpConnector {
     fn connect(&self) -> BoxFuture<(Box<dyn PeerStream>, String)> {
         let peer = self.peer;
+        let local = self.listen.ip();
         let listener = self.listener.clone();
         let active = self.active;
         Box::pin(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
                 let attempt: std::io::Result<(tokio::net::TcpStream, SocketAddr)> = if active {
-                    tokio::net::TcpStream::connect(peer)
-                        .await
-                        .map(|s| (s, peer))
+                    // Dial from our own address: the peer accepts only it.
+                    dial(local, peer).await.map(|s| (s, peer))
                 } else if let Some(l) = &listener {
                     l.accept().await
                 } else {
@@ -101,6 +103,16 @@ impl PeerConnector for TcpConnector {
             }
         })
     }
+}
+
+async fn dial(local: std::net::IpAddr, peer: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if peer.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(peer).await
 }
 
 /// A frame read from the peer.

@@ -268,6 +268,42 @@ pub(crate) fn open_file(path: &Path, direct: bool) -> Result<(std::fs::File, boo
     Ok((file, is_direct, size))
 }
 
+/// Zeroes a range when the fast path (`FALLOC_FL_ZERO_RANGE`, or punching a hole) is
+/// not supported by the filesystem (tmpfs has no ZERO_RANGE, some have neither): punch a
+/// hole if possible, else write zeroes. Discard and write-zeroes both end here so both
+/// replicas read back the same zeroes.
+pub(crate) fn zero_range_fallback(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::os::unix::fs::FileExt;
+    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, punch, off, l) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let zeroes = AlignedBuf::zeroed(1 << 20);
+    let mut at = offset;
+    let end = offset.saturating_add(len);
+    while at < end {
+        let n = usize::try_from((end - at).min(1 << 20)).unwrap_or(1 << 20);
+        file.write_all_at(&zeroes[..n], at)?;
+        at += len_u64(n);
+    }
+    Ok(())
+}
+
+/// Is this errno "the filesystem does not do that fallocate mode"?
+pub(crate) fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL))
+}
+
 /// The block size requests must respect on `file`.
 pub(crate) fn block_size_of(file: &std::fs::File) -> u32 {
     sys::logical_block_size(file)

@@ -208,3 +208,25 @@ fn a_failing_device_reports_an_error_and_never_panics() {
         assert!(done.result.is_err(), "{engine:?}");
     }
 }
+
+#[test]
+fn zeroing_falls_back_when_the_filesystem_cannot_fallocate() {
+    use std::os::unix::fs::FileExt;
+    let path = temp_file("zero-fallback", 1 << 20);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.write_all_at(&[0x5a; 65536], 4096).unwrap();
+    zero_range_fallback(&file, 8192, 16384).unwrap();
+    let mut back = vec![0u8; 65536];
+    file.read_exact_at(&mut back, 4096).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0x5a));
+    assert!(back[4096..20480].iter().all(|&b| b == 0));
+    assert!(back[20480..].iter().all(|&b| b == 0x5a));
+    assert!(is_unsupported(&std::io::Error::from_raw_os_error(
+        libc::EOPNOTSUPP
+    )));
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}

@@ -67,7 +67,17 @@ fn execute(file: &std::fs::File, op: IoOp) -> IoDone {
                     buf: None,
                 };
             };
-            Some(nix::fcntl::fallocate(file, mode, off, len).map_err(std::io::Error::from))
+            Some(
+                nix::fcntl::fallocate(file, mode, off, len)
+                    .map_err(std::io::Error::from)
+                    .or_else(|e| {
+                        if super::is_unsupported(&e) {
+                            super::zero_range_fallback(file, *offset, *len_bytes)
+                        } else {
+                            Err(e)
+                        }
+                    }),
+            )
         }
     };
     match (outcome, op) {

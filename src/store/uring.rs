@@ -81,11 +81,11 @@ impl UringStore {
                 })?,
             );
             let (tx, rx) = mpsc::channel();
-            let fd = file.as_raw_fd();
+            let file = Arc::clone(&file);
             let bell = Arc::clone(&doorbell);
             let thread = std::thread::Builder::new()
                 .name(format!("tandem-uring-{index}"))
-                .spawn(move || run(ring, fd, &bell, &rx))
+                .spawn(move || run(ring, &file, &bell, &rx))
                 .map_err(TandemError::io("starting an io_uring I/O thread"))?;
             workers.push(Worker {
                 tx,
@@ -170,7 +170,8 @@ enum PendingKind {
     Deallocate { offset: u64, len: u64 },
 }
 
-fn run(mut ring: Ring, fd: RawFd, doorbell: &EventFd, rx: &mpsc::Receiver<Msg>) {
+fn run(mut ring: Ring, file: &std::fs::File, doorbell: &EventFd, rx: &mpsc::Receiver<Msg>) {
+    let fd = file.as_raw_fd();
     let mut pending: Vec<Option<Pending>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut doorbell_armed = false;
@@ -251,7 +252,20 @@ fn run(mut ring: Ring, fd: RawFd, doorbell: &EventFd, rx: &mpsc::Receiver<Msg>) 
             else {
                 continue;
             };
-            (p.done)(finish(&p.kind, result, op));
+            let done = match p.kind {
+                // The filesystem cannot zero this way: fall back (rare; blocks this thread).
+                PendingKind::Deallocate { offset, len }
+                    if result == -libc::EOPNOTSUPP || result == -libc::EINVAL =>
+                {
+                    let r = super::zero_range_fallback(file, offset, len);
+                    IoDone {
+                        result: r.map_err(|e| kind_error(&p.kind, e)),
+                        buf: None,
+                    }
+                }
+                _ => finish(&p.kind, result, op),
+            };
+            (p.done)(done);
         }
     }
     // Let the armed doorbell read complete so its buffer is handed back before the ring

@@ -1,7 +1,12 @@
 //! Shared helpers of the replication tests: two `tandemd replica` processes on
 //! 127.0.0.1/127.0.0.2, `tandemctl` calls, and a minimal NBD client.
 // Test support code: panics are the failure report, and not every test uses every helper.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::too_many_arguments)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_arguments
+)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -63,11 +68,19 @@ pub struct PairAddrs {
 }
 
 impl PairAddrs {
+    /// A port on two loopback addresses of their own (127.X.Y.1 and 127.X.Y.2), so tests
+    /// running at the same time never reach each other's replicas.
     pub fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = std::process::id()
+            .wrapping_mul(31)
+            .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        let (x, y) = (1 + (n / 250) % 250, 1 + n % 250);
         let port = free_tcp_port().unwrap();
         Self {
-            a: format!("127.0.0.1:{port}").parse().unwrap(),
-            b: format!("127.0.0.2:{port}").parse().unwrap(),
+            a: format!("127.{x}.{y}.1:{port}").parse().unwrap(),
+            b: format!("127.{x}.{y}.2:{port}").parse().unwrap(),
         }
     }
 }
@@ -86,11 +99,8 @@ impl Replica {
     ) -> Self {
         let control = dir.join(format!("{tag}.sock"));
         let log = dir.join(format!("{tag}.log"));
-        let nbd_addr: Option<SocketAddr> = nbd.then(|| {
-            format!("127.0.0.1:{}", free_tcp_port().unwrap())
-                .parse()
-                .unwrap()
-        });
+        // Port 0: tandemd binds a free port and logs it (no race with other tests).
+        let nbd_addr: Option<SocketAddr> = nbd.then(|| SocketAddr::new(listen.ip(), 0));
         let mut args: Vec<String> = vec![
             "replica".into(),
             "--name".into(),
@@ -128,6 +138,7 @@ impl Replica {
 
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.control);
+        let log_start = self.log_text().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -153,15 +164,24 @@ impl Replica {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        if let Some(a) = self.nbd {
-            while TcpStream::connect(a).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "no NBD listener: {}",
-                    self.log_text()
-                );
+        if self.nbd.is_some() {
+            // The actual port, from "NBD export ready nbd=ADDR" in this run's log.
+            let addr = loop {
+                let log = self.log_text();
+                let found = log.get(log_start..).unwrap_or("").lines().find_map(|l| {
+                    strip_ansi(l)
+                        .split("nbd=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                });
+                if let Some(a) = found {
+                    break a;
+                }
+                assert!(Instant::now() < deadline, "no NBD listener: {log}");
                 std::thread::sleep(Duration::from_millis(20));
-            }
+            };
+            self.nbd = Some(addr);
         }
     }
 
@@ -262,6 +282,20 @@ impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }
 
 pub fn is_conn(s: &serde_json::Value, state: &str) -> bool {
