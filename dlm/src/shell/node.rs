@@ -474,7 +474,14 @@ impl Node {
                 }
             }));
         }
-        for peer in shared.outboxes.keys().copied().collect::<Vec<_>>() {
+        // One connection per pair of nodes: the lower id dials.
+        let dial: Vec<NodeId> = shared
+            .outboxes
+            .keys()
+            .copied()
+            .filter(|p| *p > config.node)
+            .collect();
+        for peer in dial {
             tasks.push(tokio::spawn(transport::run_outbound(
                 shared.clone(),
                 connector.clone(),

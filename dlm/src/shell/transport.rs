@@ -83,6 +83,7 @@ struct OutState {
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     state: Mutex<OutState>,
+    sender: std::sync::atomic::AtomicU64,
     notify: Notify,
 }
 
@@ -123,11 +124,15 @@ impl Outbox {
         }
     }
 
-    fn incarnation(&self) -> Option<Incarnation> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peer_inc
+    /// The session `conn` now sends this peer's messages (a newer connection wins).
+    fn claim(&self, conn: u64) {
+        self.sender
+            .store(conn, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_claimed_by(&self, conn: u64) -> bool {
+        self.sender.load(std::sync::atomic::Ordering::Acquire) == conn
     }
 
     /// Encodes the frames from `from` on into `buf`; returns the next sequence number,
@@ -227,7 +232,8 @@ async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> Result<()
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
 
-/// Keeps an outbound session to `peer` up for the node's lifetime.
+/// Keeps the session to `peer` up for the node's lifetime (only the node with the lower
+/// id dials; the other accepts).
 pub(crate) async fn run_outbound(shared: Arc<Shared>, connector: Arc<dyn Connector>, peer: NodeId) {
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -237,8 +243,8 @@ pub(crate) async fn run_outbound(shared: Arc<Shared>, connector: Arc<dyn Connect
         match connector.connect(peer).await {
             Ok(stream) => {
                 backoff = Duration::from_millis(20);
-                if let Err(e) = outbound_session(&shared, peer, stream).await {
-                    tracing::debug!(peer = %peer, error = %e, "outbound connection ended");
+                if let Err(e) = session(shared.clone(), stream, Some(peer)).await {
+                    tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             }
             Err(e) => tracing::trace!(peer = %peer, error = %e, "connecting"),
@@ -248,12 +254,45 @@ pub(crate) async fn run_outbound(shared: Arc<Shared>, connector: Arc<dyn Connect
     }
 }
 
-async fn outbound_session(
-    shared: &Arc<Shared>,
-    peer: NodeId,
+/// Serves one accepted connection.
+pub(crate) async fn inbound_session(
+    shared: Arc<Shared>,
     stream: BoxStream,
 ) -> Result<(), DlmError> {
-    let outbox = shared.outbox(peer).ok_or(DlmError::Stopped)?;
+    session(shared, stream, None).await
+}
+
+async fn next_frame(
+    reader: &mut FrameReader<tokio::io::ReadHalf<BoxStream>>,
+    what: &str,
+) -> Result<Frame, DlmError> {
+    match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
+        Err(_) => Err(DlmError::DecodeFrame {
+            reason: format!("no {what} within 5 s"),
+        }),
+        Ok(Ok(Some(f))) => Ok(f),
+        Ok(Ok(None)) => Err(DlmError::DecodeFrame {
+            reason: format!("connection closed before the {what}"),
+        }),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+/// One connection between two nodes, carrying both directions:
+///
+/// ```text
+///   both ways: Hello{node, incarnation} → Ack{next expected from you} → Data / Ack / Heartbeat
+/// ```
+/// A node's answers travel on the connection its requests came in on, so they carry
+/// the TCP acknowledgement of the request (one packet fewer per message than one
+/// connection per direction), and are written by the task that delivered the request.
+/// This node's data frames are sent from the sequence number the peer's first Ack
+/// names; the peer's are delivered in order, duplicates skipped, gaps refused.
+async fn session(
+    shared: Arc<Shared>,
+    stream: BoxStream,
+    expect: Option<NodeId>,
+) -> Result<(), DlmError> {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
     let mut buf = Vec::with_capacity(64 * 1024);
@@ -261,41 +300,58 @@ async fn outbound_session(
         &Frame::Hello {
             node: shared.me,
             incarnation: shared.incarnation,
-            peer_incarnation: outbox.incarnation().unwrap_or_default(),
+            peer_incarnation: Incarnation::default(),
             receive_next: 0,
         },
         &mut buf,
     );
     write_frames(&mut wr, &buf).await?;
-    let hello = tokio::time::timeout(Duration::from_secs(5), reader.next())
-        .await
-        .map_err(|_| DlmError::Handshake {
-            peer,
-            reason: "no hello within 5 s".into(),
-        })??;
-    let (inc, receive_next) = match hello {
-        Some(Frame::Hello {
-            node,
-            incarnation,
-            receive_next,
-            ..
-        }) if node == peer => (incarnation, receive_next),
+    let (peer, inc) = match next_frame(&mut reader, "hello").await? {
+        Frame::Hello {
+            node, incarnation, ..
+        } => (node, incarnation),
         other => {
-            return Err(DlmError::Handshake {
-                peer,
-                reason: format!("expected hello from {peer}, got {other:?}"),
+            return Err(DlmError::DecodeFrame {
+                reason: format!("expected hello, got {other:?}"),
+            });
+        }
+    };
+    if expect.is_some_and(|e| e != peer) || !shared.is_peer(peer) {
+        return Err(DlmError::Handshake {
+            peer,
+            reason: "not the expected configured peer".into(),
+        });
+    }
+    let outbox = shared.outbox(peer).ok_or(DlmError::Stopped)?;
+    let (conn, receive_next) = shared.claim_receive(peer, inc);
+    outbox.claim(conn);
+    buf.clear();
+    wire::encode(&Frame::Ack { next: receive_next }, &mut buf);
+    write_frames(&mut wr, &buf).await?;
+    let send_next = match next_frame(&mut reader, "resume point").await? {
+        Frame::Ack { next } => next,
+        other => {
+            return Err(DlmError::DecodeFrame {
+                reason: format!("expected the resume point, got {other:?}"),
             });
         }
     };
     shared.heard(peer, inc, None);
-    outbox.resume(inc, receive_next);
-    let mut next = receive_next.max(1);
+    outbox.resume(inc, send_next);
+    let mut next_out = send_next.max(1);
+    let mut next_in = receive_next;
+    let mut acked = receive_next;
+    let mut batch: Vec<Message> = Vec::new();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if shared.is_stopped() || !outbox.is_claimed_by(conn) {
+            return Ok(());
+        }
+        // Send what is queued (including answers to what was just delivered).
         buf.clear();
-        match outbox.encode_from(inc, next, &mut buf) {
-            Some(n) => next = n,
+        match outbox.encode_from(inc, next_out, &mut buf) {
+            Some(n) => next_out = n,
             None => {
                 return Err(DlmError::Handshake {
                     peer,
@@ -303,13 +359,15 @@ async fn outbound_session(
                 });
             }
         }
+        if next_in >= acked + 256 {
+            wire::encode(&Frame::Ack { next: next_in }, &mut buf);
+            acked = next_in;
+        }
         if !buf.is_empty() {
             write_frames(&mut wr, &buf).await?;
             continue;
         }
-        if shared.is_stopped() {
-            return Ok(());
-        }
+        let mut heartbeat_in = false;
         tokio::select! {
             _ = outbox.notify.notified() => {}
             _ = heartbeat.tick() => {
@@ -318,108 +376,52 @@ async fn outbound_session(
                 wire::encode(&Frame::Heartbeat { epoch, members }, &mut buf);
                 write_frames(&mut wr, &buf).await?;
             }
-            frame = reader.next() => match frame? {
-                Some(Frame::Ack { next: acked }) => outbox.ack(acked),
-                Some(Frame::Heartbeat { epoch, members }) => shared.heard(peer, inc, Some((epoch, members))),
-                Some(other) => {
-                    return Err(DlmError::DecodeFrame {
-                        reason: format!("unexpected {other:?} on an outbound connection"),
-                    });
-                }
-                None => return Ok(()),
-            },
-        }
-    }
-}
-
-/// Serves one inbound connection: the peer's messages, in order, into the core.
-pub(crate) async fn inbound_session(
-    shared: Arc<Shared>,
-    stream: BoxStream,
-) -> Result<(), DlmError> {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(rd);
-    let hello = tokio::time::timeout(Duration::from_secs(5), reader.next())
-        .await
-        .map_err(|_| DlmError::DecodeFrame {
-            reason: "no hello within 5 s".into(),
-        })??;
-    let Some(Frame::Hello {
-        node: peer,
-        incarnation,
-        ..
-    }) = hello
-    else {
-        return Err(DlmError::DecodeFrame {
-            reason: format!("expected hello, got {hello:?}"),
-        });
-    };
-    if !shared.is_peer(peer) {
-        return Err(DlmError::Handshake {
-            peer,
-            reason: "not a configured peer".into(),
-        });
-    }
-    let (conn, receive_next) = shared.claim_receive(peer, incarnation);
-    let mut buf = Vec::with_capacity(4096);
-    wire::encode(
-        &Frame::Hello {
-            node: shared.me,
-            incarnation: shared.incarnation,
-            peer_incarnation: incarnation,
-            receive_next,
-        },
-        &mut buf,
-    );
-    write_frames(&mut wr, &buf).await?;
-    shared.heard(peer, incarnation, None);
-    let mut next = receive_next;
-    let mut acked = receive_next;
-    let mut batch: Vec<Message> = Vec::new();
-    loop {
-        let Some(first) = reader.next().await? else {
-            return Ok(());
-        };
-        let mut frame = Some(first);
-        let mut heartbeat = false;
-        while let Some(f) = frame {
-            match f {
-                Frame::Data { seq, message } => {
-                    if seq > next {
-                        return Err(DlmError::DecodeFrame {
-                            reason: format!("sequence gap from {peer}: got {seq}, expected {next}"),
-                        });
+            frame = reader.next() => {
+                let Some(first) = frame? else {
+                    return Ok(());
+                };
+                let mut frame = Some(first);
+                while let Some(f) = frame {
+                    match f {
+                        Frame::Data { seq, message } => {
+                            if seq > next_in {
+                                return Err(DlmError::DecodeFrame {
+                                    reason: format!(
+                                        "sequence gap from {peer}: got {seq}, expected {next_in}"
+                                    ),
+                                });
+                            }
+                            if seq == next_in {
+                                next_in += 1;
+                                batch.push(message);
+                            }
+                        }
+                        Frame::Ack { next } => outbox.ack(next),
+                        Frame::Heartbeat { epoch, members } => {
+                            heartbeat_in = true;
+                            shared.heard(peer, inc, Some((epoch, members)));
+                        }
+                        Frame::Hello { .. } => {
+                            return Err(DlmError::DecodeFrame {
+                                reason: "a second hello".into(),
+                            });
+                        }
                     }
-                    if seq == next {
-                        next += 1;
-                        batch.push(message);
+                    frame = reader.try_next()?;
+                }
+                if !batch.is_empty() {
+                    if !shared.advance_receive(peer, inc, conn, next_in) {
+                        return Ok(()); // superseded by a newer connection
                     }
-                }
-                Frame::Heartbeat { epoch, members } => {
-                    heartbeat = true;
-                    shared.heard(peer, incarnation, Some((epoch, members)));
-                }
-                other => {
-                    return Err(DlmError::DecodeFrame {
-                        reason: format!("unexpected {other:?} on an inbound connection"),
-                    });
+                    shared.deliver(peer, inc, &mut batch);
                 }
             }
-            frame = reader.try_next()?;
         }
-        if !batch.is_empty() {
-            if !shared.advance_receive(peer, incarnation, conn, next) {
-                return Ok(()); // superseded by a newer connection
-            }
-            shared.deliver(peer, incarnation, &mut batch);
-        }
-        // Acknowledge lazily (every 256 frames, and with every heartbeat of the peer):
-        // an ack per message would cost a write on the request path.
-        if next >= acked + 256 || (heartbeat && next > acked) {
+        if heartbeat_in && next_in > acked {
             buf.clear();
-            wire::encode(&Frame::Ack { next }, &mut buf);
+            wire::encode(&Frame::Ack { next: next_in }, &mut buf);
             write_frames(&mut wr, &buf).await?;
-            acked = next;
+            acked = next_in;
         }
     }
 }
