@@ -1,15 +1,16 @@
 //! Peer connections: reliable, ordered delivery of core messages between node
 //! incarnations over any byte stream.
 //!
-//! Each node opens one *outbound* connection to every peer and sends its messages there;
-//! the peer answers with acknowledgements on the same connection. Every data frame has a
-//! per-session sequence number; unacknowledged frames are kept and sent again after a
-//! reconnect (the peer's Hello says where to resume), so a dropped TCP connection loses
-//! nothing as long as both incarnations live. A session belongs to one incarnation of
-//! the peer: messages for an older incarnation are dropped, never delivered to a new one.
+//! Two nodes share one connection (the lower id dials, the higher accepts) carrying
+//! both directions, so answers ride with the TCP acknowledgement of their request.
+//! Every data frame has a per-direction sequence number; unacknowledged frames are kept
+//! and sent again after a reconnect (each side's first Ack says where to resume), so a
+//! dropped connection loses nothing as long as both incarnations live. A session
+//! belongs to one incarnation of the peer: messages for an older incarnation are
+//! dropped, never delivered to a new one.
 //!
 //! The stream is anything `AsyncRead + AsyncWrite` ([`Connector`]): plain TCP here, the
-//! cluster's authenticated transport in `tandemd`. Inbound streams are handed to
+//! cluster's authenticated transport in `tandemd`. Accepted streams are handed to
 //! [`crate::shell::Node::serve_peer`].
 
 use std::collections::{BTreeMap, VecDeque};
