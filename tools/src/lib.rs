@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod ctl;
+pub mod demo;
 pub mod mount;
 pub mod nbd_client;
 pub mod pr;

@@ -1,6 +1,7 @@
 //! `tandemctl`: control and inspect tandem.
 
 pub mod cluster;
+mod demo;
 mod fixture;
 mod lock;
 mod md;
@@ -54,6 +55,9 @@ pub enum Command {
         #[arg(long)]
         discard_my_data: bool,
     },
+    /// Run the local demo cluster: 3 nodes on 127.0.0.x, kill the primary under load,
+    /// show the failover and resync, verify every acknowledged write.
+    Demo(demo::DemoArgs),
     /// Validate a configuration file.
     CheckConfig {
         /// The file (default: /etc/tandem/tandem.toml).
@@ -85,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             volume,
             discard_my_data,
         } => cluster::resolve(&target, &volume, discard_my_data),
+        Command::Demo(args) => demo::run(args),
         Command::CheckConfig { file } => cluster::check_config(&file.unwrap_or(target.config)),
         Command::Lock(args) => lock::run_lock(args, target.socket.as_deref()),
         Command::Locks(args) => lock::run_locks(args, target.socket.as_deref()),
