@@ -47,8 +47,18 @@ pub struct DemoCluster {
 impl DemoCluster {
     /// Writes the demo configuration under `dir` and starts the three nodes.
     pub fn start(dir: &Path, tandemd: &Path) -> anyhow::Result<Self> {
+        Self::start_with_port_offset(dir, tandemd, 0)
+    }
+
+    /// Like [`start`](Self::start), with every port moved by `offset` (so several demo
+    /// clusters can run at once, as the tests do).
+    pub fn start_with_port_offset(dir: &Path, tandemd: &Path, offset: u16) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let text = DEMO_CONFIG.replace("{base}", &dir.display().to_string());
+        let mut text = DEMO_CONFIG.replace("{base}", &dir.display().to_string());
+        for port in [7791u16, 9791, 10809] {
+            let moved = port.checked_add(offset).context("port offset too large")?;
+            text = text.replace(&format!(":{port}\""), &format!(":{moved}\""));
+        }
         let path = dir.join("tandem.toml");
         std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
         let config = Config::parse(&path.display().to_string(), &text)?;
@@ -502,7 +512,11 @@ pub fn fail_over(
 /// Prints a timeline.
 pub fn print_timeline(out: &mut impl Write, t: &Timeline) -> std::io::Result<()> {
     let show = |v: Option<u64>| v.map_or("-".to_owned(), |ms| format!("+{ms} ms"));
-    writeln!(out, "  {:<32} +0 ms", format!("{} killed (SIGKILL)", t.victim))?;
+    writeln!(
+        out,
+        "  {:<32} +0 ms",
+        format!("{} killed (SIGKILL)", t.victim)
+    )?;
     writeln!(
         out,
         "  {:<32} {}",
