@@ -81,12 +81,14 @@ async fn hostile_frames_drop_the_connection_and_nothing_else() {
     expect_reset(addr, &hello(9), "an unknown node").await;
     // A configured peer skipping sequence numbers, then one sending garbage mid-stream.
     let mut gap = hello(2);
+    gap.extend(frame(&Frame::Ack { next: 1 }));
     gap.extend(frame(&Frame::Data {
         seq: 7,
         message: Message::RecoverDone { epoch: Epoch(1) },
     }));
     expect_reset(addr, &gap, "a sequence gap").await;
     let mut midway = hello(2);
+    midway.extend(frame(&Frame::Ack { next: 1 }));
     midway.extend(frame(&Frame::Data {
         seq: 1,
         message: Message::Unlock {
