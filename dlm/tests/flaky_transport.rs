@@ -64,6 +64,9 @@ impl AsyncWrite for Flaky {
     }
 }
 
+/// (resource, client, held from, held until).
+type Hold = (usize, usize, Instant, Instant);
+
 struct FlakyConnector {
     addrs: BTreeMap<NodeId, SocketAddr>,
     connects: AtomicUsize,
@@ -128,7 +131,7 @@ async fn sessions_survive_broken_connections_without_losing_or_repeating_message
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let holds: Arc<Mutex<Vec<(usize, usize, Instant, Instant)>>> = Arc::default();
+    let holds: Arc<Mutex<Vec<Hold>>> = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..8usize {
         let node = if c % 2 == 0 { n1.clone() } else { n2.clone() };
