@@ -100,6 +100,7 @@ pub(crate) struct Shared {
     conn_ids: AtomicU64,
     epoch: AtomicU64,
     members_fp: AtomicU64,
+    pub(crate) bad_peers: LogLimit,
     stopped: AtomicBool,
     started: Instant,
 }
@@ -332,6 +333,37 @@ impl CoreState {
     }
 }
 
+/// Lets through at most `PER_SECOND` log lines a second for things a peer can trigger
+/// (bad connections), and says how many were suppressed.
+#[derive(Debug, Default)]
+pub(crate) struct LogLimit {
+    window: Mutex<(Option<Instant>, u32, u32)>,
+}
+
+impl LogLimit {
+    const PER_SECOND: u32 = 10;
+
+    /// Some(suppressed count so far) if this line may be logged.
+    pub(crate) fn allow(&self) -> Option<u32> {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if w.0
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
+        {
+            let suppressed = w.2;
+            *w = (Some(now), 1, 0);
+            return Some(suppressed);
+        }
+        if w.1 < Self::PER_SECOND {
+            w.1 += 1;
+            Some(0)
+        } else {
+            w.2 += 1;
+            None
+        }
+    }
+}
+
 /// What the node knows of a peer from its frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerSeen {
@@ -442,6 +474,7 @@ impl Node {
             conn_ids: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             members_fp: AtomicU64::new(0),
+            bad_peers: LogLimit::default(),
             stopped: AtomicBool::new(false),
             started: Instant::now(),
         });
@@ -461,8 +494,10 @@ impl Node {
                             let _ = stream.set_nodelay(true);
                             let s2 = s.clone();
                             tokio::spawn(async move {
-                                if let Err(e) = transport::inbound_session(s2, Box::new(stream)).await {
-                                    tracing::warn!(peer_addr = %from, error = %e, "dropping peer connection");
+                                if let Err(e) = transport::inbound_session(s2.clone(), Box::new(stream)).await
+                                    && let Some(suppressed) = s2.bad_peers.allow()
+                                {
+                                    tracing::warn!(peer_addr = %from, error = %e, suppressed, "dropping peer connection");
                                 }
                             });
                         }
@@ -535,8 +570,10 @@ impl Node {
     pub fn serve_peer(&self, stream: BoxStream) {
         let s = self.shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = transport::inbound_session(s, stream).await {
-                tracing::warn!(error = %e, "dropping peer connection");
+            if let Err(e) = transport::inbound_session(s.clone(), stream).await
+                && let Some(suppressed) = s.bad_peers.allow()
+            {
+                tracing::warn!(error = %e, suppressed, "dropping peer connection");
             }
         });
     }

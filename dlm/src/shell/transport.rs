@@ -244,7 +244,13 @@ pub(crate) async fn run_outbound(shared: Arc<Shared>, connector: Arc<dyn Connect
         match connector.connect(peer).await {
             Ok(stream) => {
                 backoff = Duration::from_millis(20);
-                if let Err(e) = session(shared.clone(), stream, Some(peer)).await {
+                let span = tracing::info_span!("peer", node_id = %shared.me, peer = %peer);
+                if let Err(e) = tracing::Instrument::instrument(
+                    session(shared.clone(), stream, Some(peer)),
+                    span,
+                )
+                .await
+                {
                     tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             }
