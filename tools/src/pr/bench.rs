@@ -123,7 +123,7 @@ pub(crate) fn run(
     bin: &str,
     out: &mut dyn Write,
 ) -> Result<i32, Failure> {
-    let mut opened = Opened::default();
+    let mut opened = Opened;
     let options = open_options(common, false);
     let fencer_path: Arc<dyn PrTransport> = Arc::from(opened.open(fencer_device, &options)?);
     let victim_path: Arc<dyn PrTransport> = Arc::from(opened.open(victim_device, &options)?);

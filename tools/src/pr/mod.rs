@@ -183,18 +183,59 @@ fn hint(e: &FenceError) -> Option<&'static str> {
     })
 }
 
-/// An LU emulated in a state file, saved after each command.
+/// Nexus N of an LU emulated in a state file (created with three SAS nexuses when
+/// missing). Every command takes an exclusive lock on `FILE.lock`, loads the state, runs,
+/// and saves it, so several tandem-pr processes can share one emulated LU.
 #[derive(Debug)]
-pub(crate) struct EmulatorFile {
-    path: PathBuf,
-    lu: Arc<Mutex<Emulator>>,
+pub(crate) struct FileEmulatorPath {
+    name: String,
+    file: PathBuf,
+    nexus: u16,
 }
 
-impl EmulatorFile {
-    fn load(path: &str) -> Result<Self, Failure> {
-        let lu = match std::fs::read(path) {
+impl FileEmulatorPath {
+    fn open(name: &str, file: &str, nexus: u16) -> Result<Self, Failure> {
+        let path = Self {
+            name: name.to_owned(),
+            file: file.into(),
+            nexus,
+        };
+        let count =
+            path.with_lu(|lu| Ok(lu.lock().unwrap_or_else(|e| e.into_inner()).nexus_count()))?;
+        if usize::from(nexus) >= count {
+            return Err(UsageError(format!(
+                "{name}: the emulated LU has {count} nexuses (0-{})",
+                count.saturating_sub(1)
+            ))
+            .into());
+        }
+        Ok(path)
+    }
+
+    fn lock_error(&self, what: &str, e: impl std::fmt::Display) -> FenceError {
+        FenceError::Open {
+            device: self.name.clone(),
+            source: std::io::Error::other(format!("{what} {}: {e}", self.file.display())),
+        }
+    }
+
+    /// Runs `f` on the LU under the lock and saves the state afterwards.
+    fn with_lu<T>(
+        &self,
+        f: impl FnOnce(&Arc<Mutex<Emulator>>) -> tandem_fence::Result<T>,
+    ) -> tandem_fence::Result<T> {
+        let lock_path = self.file.with_extension("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.lock_error("opening the lock of", e))?;
+        let _guard = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| self.lock_error("locking", e))?;
+        let lu = match std::fs::read(&self.file) {
             Ok(bytes) => serde_json::from_slice::<Emulator>(&bytes)
-                .map_err(|e| anyhow::anyhow!("emulator state {path} is not valid: {e}"))?,
+                .map_err(|e| self.lock_error("reading the emulator state", e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut lu = Emulator::new();
                 for i in 0..3u16 {
@@ -202,28 +243,51 @@ impl EmulatorFile {
                 }
                 lu
             }
-            Err(e) => return Err(anyhow::anyhow!("reading {path}: {e}").into()),
+            Err(e) => return Err(self.lock_error("reading", e)),
         };
-        Ok(Self {
-            path: path.into(),
-            lu: Arc::new(Mutex::new(lu)),
-        })
+        let lu = Arc::new(Mutex::new(lu));
+        // Failed commands change state too (a reported UNIT ATTENTION is gone): save always.
+        let result = f(&lu);
+        let state = serde_json::to_vec_pretty(&*lu.lock().unwrap_or_else(|e| e.into_inner()))
+            .map_err(|e| self.lock_error("encoding", e))?;
+        std::fs::write(&self.file, state).map_err(|e| self.lock_error("writing", e))?;
+        result
     }
 
-    fn save(&self) -> Result<(), Failure> {
-        let lu = self.lu.lock().unwrap_or_else(|e| e.into_inner());
-        let text = serde_json::to_vec_pretty(&*lu).map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::write(&self.path, text)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", self.path.display()))?;
-        Ok(())
+    fn path(&self, lu: &Arc<Mutex<Emulator>>) -> EmulatedPath {
+        EmulatedPath::connect(lu, NexusId(self.nexus), &self.name)
     }
 }
 
-/// Devices opened for one command; emulated LUs are saved when it is dropped.
+impl PrTransport for FileEmulatorPath {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn pr_in(&self, action: PrInAction) -> tandem_fence::Result<tandem_fence::pr::data::PrInData> {
+        self.with_lu(|lu| self.path(lu).pr_in(action))
+    }
+
+    fn pr_out(&self, command: &PrOutCommand) -> tandem_fence::Result<()> {
+        self.with_lu(|lu| self.path(lu).pr_out(command))
+    }
+
+    fn pr_in_raw(
+        &self,
+        action: PrInAction,
+        allocation_length: u16,
+    ) -> tandem_fence::Result<(tandem_fence::pr::data::PrInData, Vec<u8>)> {
+        self.with_lu(|lu| self.path(lu).pr_in_raw(action, allocation_length))
+    }
+
+    fn inquiry(&self) -> tandem_fence::Result<Option<tandem_fence::pr::inquiry::InquiryData>> {
+        self.with_lu(|lu| self.path(lu).inquiry())
+    }
+}
+
+/// Opens devices for one command.
 #[derive(Debug, Default)]
-pub(crate) struct Opened {
-    emulators: Vec<EmulatorFile>,
-}
+pub(crate) struct Opened;
 
 impl Opened {
     /// Opens one device (an emulated nexus, or a path through `open`).
@@ -233,35 +297,7 @@ impl Opened {
         options: &OpenOptions,
     ) -> Result<Box<dyn PrTransport>, Failure> {
         if let Some((file, nexus)) = parse_emulator(device)? {
-            let index = match self
-                .emulators
-                .iter()
-                .position(|e| e.path.as_os_str() == file.as_str())
-            {
-                Some(i) => i,
-                None => {
-                    self.emulators.push(EmulatorFile::load(&file)?);
-                    self.emulators.len() - 1
-                }
-            };
-            let emu = &self.emulators[index];
-            let count = emu
-                .lu
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .nexus_count();
-            if usize::from(nexus) >= count {
-                return Err(UsageError(format!(
-                    "{device}: the emulated LU has {count} nexuses (0-{})",
-                    count.saturating_sub(1)
-                ))
-                .into());
-            }
-            return Ok(Box::new(EmulatedPath::connect(
-                &emu.lu,
-                NexusId(nexus),
-                device,
-            )));
+            return Ok(Box::new(FileEmulatorPath::open(device, &file, nexus)?));
         }
         Ok(open(device, options)?)
     }
@@ -276,14 +312,6 @@ impl Opened {
             return Ok(vec![self.open(device, options)?]);
         }
         Ok(open_paths(device, options)?)
-    }
-}
-
-impl Drop for Opened {
-    fn drop(&mut self) {
-        for e in &self.emulators {
-            let _ = e.save();
-        }
     }
 }
 
@@ -356,7 +384,7 @@ fn run_sg(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fa
     let device = match &request {
         Request::In { device, .. } | Request::Out { device, .. } => device.clone(),
     };
-    let mut opened = Opened::default();
+    let mut opened = Opened;
     let transport = opened.open(&device, &options)?;
     let json = cli.common.json;
     if !sg.no_inquiry && !json {

@@ -74,7 +74,7 @@ pub(crate) fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, Failure> {
-    let mut opened = Opened::default();
+    let mut opened = Opened;
     let json = common.json;
     match task {
         Task::Status {
