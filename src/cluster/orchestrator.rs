@@ -346,6 +346,15 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                 // Never take writes without quorum: a demoted-for-quorum-loss primary comes
                 // back only when it hears the majority again.
                 if view.quorate {
+                    // This node's copy of the log may be stale (a partition just healed):
+                    // the leader confirms before writes are taken.
+                    out.push(LocalAction::Propose {
+                        command: Command::ConfirmPrimary {
+                            volume: name.clone(),
+                            node: me,
+                            expect: volume.epoch,
+                        },
+                    });
                     out.push(LocalAction::PromoteReplica {
                         volume: name.clone(),
                         epoch: volume.epoch,

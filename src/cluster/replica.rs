@@ -245,6 +245,19 @@ impl ClusterVolume {
     async fn refresh(&self) {
         if let Ok(status) = self.volume.status().await {
             self.set_report(&status.replica);
+            // A refusal over roles or epochs ("both nodes are primary", "peer is primary
+            // at an old epoch") is transient under the cluster: the log resolves it, and
+            // the link must be tried again. Split brain and unrelated data stay refused
+            // until an operator decides (`tandemctl resolve`).
+            let transient = status
+                .replica
+                .last_refusal
+                .as_deref()
+                .is_some_and(|r| r.contains("primary"));
+            if status.replica.connection == ConnState::StandAlone && transient {
+                tracing::info!(volume = %self.name, "reconnecting after a transient refusal");
+                let _ = self.volume.connect().await;
+            }
         }
     }
 }

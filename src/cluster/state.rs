@@ -132,6 +132,14 @@ pub enum Command {
         node: NodeId,
         expect: Epoch,
     },
+    /// Confirms through the log, before a node (re)takes writes, that it is still the
+    /// primary at `expect`: its own copy of the log may be stale after a partition.
+    /// Changes nothing.
+    ConfirmPrimary {
+        volume: String,
+        node: NodeId,
+        expect: Epoch,
+    },
     /// The primary stepped down (planned switchover or shutdown).
     Demote {
         volume: String,
@@ -198,6 +206,18 @@ impl ClusterState {
                 node,
                 expect,
             } => self.initial_promote(volume, *node, *expect),
+            Command::ConfirmPrimary {
+                volume,
+                node,
+                expect,
+            } => match self.volumes.get(volume) {
+                Some(v) if v.primary == Some(*node) && v.epoch == *expect && self.is_up(*node) => {
+                    Outcome::Applied
+                }
+                _ => reject(format!(
+                    "node {node} is not primary of {volume} at epoch {expect}"
+                )),
+            },
             Command::Demote {
                 volume,
                 node,

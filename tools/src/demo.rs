@@ -42,6 +42,8 @@ pub struct DemoCluster {
     pub config: Config,
     tandemd: PathBuf,
     children: BTreeMap<String, Child>,
+    /// Per node, a command that wraps tandemd (e.g. `ip netns exec NS`).
+    wrappers: BTreeMap<String, Vec<String>>,
 }
 
 impl DemoCluster {
@@ -59,14 +61,27 @@ impl DemoCluster {
             let moved = port.checked_add(offset).context("port offset too large")?;
             text = text.replace(&format!(":{port}\""), &format!(":{moved}\""));
         }
+        Self::start_custom(dir, tandemd, &text, BTreeMap::new())
+    }
+
+    /// Starts a cluster from configuration `text` (written to `DIR/tandem.toml`), each
+    /// node's tandemd wrapped in `wrappers[node]` if given.
+    pub fn start_custom(
+        dir: &Path,
+        tandemd: &Path,
+        text: &str,
+        wrappers: BTreeMap<String, Vec<String>>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("tandem.toml");
-        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-        let config = Config::parse(&path.display().to_string(), &text)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let config = Config::parse(&path.display().to_string(), text)?;
         let mut cluster = Self {
             dir: dir.to_path_buf(),
             config,
             tandemd: tandemd.to_path_buf(),
             children: BTreeMap::new(),
+            wrappers,
         };
         let names: Vec<String> = cluster
             .config
@@ -88,7 +103,15 @@ impl DemoCluster {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = Command::new(&self.tandemd)
+        let mut command = match self.wrappers.get(name).and_then(|w| w.split_first()) {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.tandemd);
+                c
+            }
+            None => Command::new(&self.tandemd),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.dir.join("tandem.toml"))
             .args(["--node", name])

@@ -22,10 +22,14 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_FLAG_FUA: u16 = 1;
 
+/// A byte stream to the server: TCP or a unix socket.
+trait Stream: Read + Write + Send + std::fmt::Debug {}
+impl<T: Read + Write + Send + std::fmt::Debug> Stream for T {}
+
 /// A connected NBD export.
 #[derive(Debug)]
 pub struct NbdClient {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     size: u64,
     next_handle: u64,
 }
@@ -50,15 +54,24 @@ fn protocol(what: impl Into<String>) -> std::io::Error {
 }
 
 impl NbdClient {
-    /// Connects to `address` (ip:port) and opens the default export.
+    /// Connects to `address` (ip:port, or the path of a unix socket) and opens the
+    /// default export.
     pub fn connect(address: &str, timeout: Duration) -> std::io::Result<Self> {
-        let addr: std::net::SocketAddr = address
-            .parse()
-            .map_err(|_| protocol(format!("`{address}` is not ip:port")))?;
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
+        let mut stream: Box<dyn Stream> = if address.starts_with('/') {
+            let stream = std::os::unix::net::UnixStream::connect(address)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            Box::new(stream)
+        } else {
+            let addr: std::net::SocketAddr = address.parse().map_err(|_| {
+                protocol(format!("`{address}` is neither ip:port nor a socket path"))
+            })?;
+            let stream = TcpStream::connect_timeout(&addr, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            stream.set_nodelay(true)?;
+            Box::new(stream)
+        };
         if read_u64(&mut stream)? != NBDMAGIC || read_u64(&mut stream)? != IHAVEOPT {
             return Err(protocol("not a newstyle NBD server"));
         }

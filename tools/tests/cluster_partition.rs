@@ -1,0 +1,232 @@
+//! A real network partition: each tandemd runs in its own network namespace, joined by
+//! veth pairs on a bridge the test creates (addresses 10.213.N.0/24, private to the test).
+//! Taking the primary's link down isolates it: it must stop acknowledging writes, the
+//! majority must fence it and promote the other replica, and no acknowledged write may
+//! be lost — checked through the epochs, the replicas' roles and the data itself.
+//!
+//! Needs root and iproute2 (./scripts/test runs as root); fails, never skips, without.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tandem::cluster::orchestrator::ReplicaRole;
+use tandem_tools::demo::{self, DemoCluster, VOLUME, Workload};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 (`ip`) must be installed");
+    assert!(
+        out.status.success(),
+        "`ip {}` failed (root needed): {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three namespaces on one bridge; removed on drop.
+struct Net {
+    tag: String,
+    names: Vec<String>,
+}
+
+impl Net {
+    fn new(tag: &str, subnet: u8) -> Self {
+        let bridge = format!("tb{tag}");
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["link", "set", &bridge, "up"]);
+        let mut names = Vec::new();
+        for (i, node) in ["alpha", "beta", "witness"].into_iter().enumerate() {
+            let ns = format!("t{tag}{node}");
+            let host_end = format!("t{tag}h{i}");
+            let ns_end = format!("t{tag}n{i}");
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+            ]);
+            ip(&["link", "set", &ns_end, "netns", &ns]);
+            ip(&["link", "set", &host_end, "master", &bridge, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.213.{subnet}.{}/24", i + 1),
+                "dev",
+                &ns_end,
+            ]);
+            ip(&["-n", &ns, "link", "set", &ns_end, "up"]);
+            names.push(ns);
+        }
+        Self {
+            tag: tag.to_owned(),
+            names,
+        }
+    }
+
+    /// Takes node `i`'s link up or down (from the bridge's side).
+    fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "link",
+            "set",
+            &format!("t{}h{i}", self.tag),
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("tb{}", self.tag)])
+            .status();
+    }
+}
+
+fn config(dir: &std::path::Path, subnet: u8) -> String {
+    format!(
+        r#"
+[cluster]
+name = "partition"
+secret = "partition-test-secret-0123456789"
+heartbeat_ms = 100
+failure_timeout_ms = 800
+quorum_lease_ms = 500
+state_dir = "{d}/{{node}}"
+control_socket = "{d}/{{node}}/control.sock"
+dlm_socket = "{d}/{{node}}/dlm.sock"
+
+[[node]]
+id = 1
+name = "alpha"
+address = "10.213.{s}.1:7791"
+[[node]]
+id = 2
+name = "beta"
+address = "10.213.{s}.2:7791"
+[[node]]
+id = 3
+name = "witness"
+address = "10.213.{s}.3:7791"
+role = "witness"
+
+[[volume]]
+name = "vol0"
+size = "32M"
+nodes = ["alpha", "beta"]
+backing = "{d}/{{node}}/vol0.img"
+nbd = "{d}/{{node}}/nbd.sock"
+"#,
+        d = dir.display(),
+        s = subnet
+    )
+}
+
+#[test]
+fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes() {
+    let tag = format!("{}", std::process::id() % 10_000);
+    let subnet = u8::try_from(std::process::id() % 200 + 20).unwrap();
+    let net = Net::new(&tag, subnet);
+    let dir = std::env::temp_dir().join(format!("tandem-partition-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let wrappers: BTreeMap<String, Vec<String>> = ["alpha", "beta", "witness"]
+        .iter()
+        .zip(&net.names)
+        .map(|(node, ns)| {
+            (
+                (*node).to_owned(),
+                vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()],
+            )
+        })
+        .collect();
+    let tandemd = tandem_testbed::workspace_binary("tandemd").expect("tandemd is built");
+    let c = DemoCluster::start_custom(&dir, &tandemd, &config(&dir, subnet), wrappers).unwrap();
+    let old = c.wait_healthy(Duration::from_secs(60)).unwrap();
+    let index = if old == "alpha" { 0 } else { 1 };
+    let other = if old == "alpha" { "beta" } else { "alpha" };
+    let workload = Workload::start(&c, 1024, 7);
+    std::thread::sleep(Duration::from_secs(1));
+
+    net.link(index, false);
+    let cut = Instant::now();
+    // Watch both sides until the majority has promoted the other replica.
+    let mut two_primaries = Vec::new();
+    let mut old_suspended_after = None;
+    loop {
+        let mine = c.status(&old).ok();
+        let theirs = c.status(other).ok();
+        let role = |s: &Option<tandem::cluster::status::ClusterStatus>, node: &str| {
+            s.as_ref()
+                .and_then(|s| s.volumes.iter().find(|v| v.name == VOLUME).cloned())
+                .and_then(|v| v.replicas.into_iter().find(|r| r.node == node))
+                .and_then(|r| r.report)
+        };
+        let (a, b) = (role(&mine, &old), role(&theirs, other));
+        if let (Some(a), Some(b)) = (&a, &b)
+            && a.role == ReplicaRole::Primary
+            && !a.suspended
+            && b.role == ReplicaRole::Primary
+            && !b.suspended
+            && a.epoch == b.epoch
+        {
+            two_primaries.push(format!("{a:?} / {b:?}"));
+        }
+        if old_suspended_after.is_none()
+            && a.as_ref()
+                .is_some_and(|a| a.suspended || a.role == ReplicaRole::Secondary)
+        {
+            old_suspended_after = Some(cut.elapsed());
+        }
+        if b.as_ref()
+            .is_some_and(|b| b.role == ReplicaRole::Primary && !b.suspended)
+        {
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "the majority never promoted {other}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let takeover = cut.elapsed();
+    assert!(
+        two_primaries.is_empty(),
+        "two writable primaries at one epoch: {two_primaries:?}"
+    );
+    let suspended = old_suspended_after.expect("the isolated primary never stopped");
+    eprintln!("isolated primary stopped after {suspended:?}; {other} took over after {takeover:?}");
+    let status = c.status(other).unwrap();
+    let volume = status.volumes.iter().find(|v| v.name == VOLUME).unwrap();
+    assert_eq!(volume.primary.as_deref(), Some(other));
+    assert!(
+        status.fencing.iter().any(|f| f.volume == VOLUME),
+        "no fencing recorded: {:?}",
+        status.fencing
+    );
+    // The isolated side has no quorum and says so.
+    assert!(!c.status(&old).unwrap().quorate);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Heal: the old primary rejoins as a new life, stays secondary and resyncs.
+    net.link(index, true);
+    let primary = c.wait_healthy(Duration::from_secs(90)).unwrap();
+    assert_eq!(primary, other);
+    let log = workload.finish();
+    let lost = demo::verify(&c, &log.acked).unwrap();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost across the partition: {lost:?}"
+    );
+    assert!(
+        demo::compare_replicas(&c).unwrap(),
+        "replicas differ after the partition healed"
+    );
+    drop(c);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+}
