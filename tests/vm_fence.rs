@@ -176,7 +176,7 @@ const SCENARIO: &str = r#"
 ("$P" watch "$A" --key a1 --period-ms 1000 --json --exit-on-loss --duration-ms 60000 \
     > /out/$PFX-watch.jsonl 2>/out/$PFX-watch.err; echo $? > /out/$PFX-watch.rc) &
 WATCH=$!
-sleep 2
+for i in $(seq 1 100); do grep -q confirmed /out/$PFX-watch.jsonl 2>/dev/null && break; sleep 0.2; done
 "$P" probe-write "$A" --json > /out/$PFX-write-a-before.json
 "$P" fence "$B" --key b2 --victim a1 --flavour $FLAVOUR --timeout-ms 8000 --json > /out/$PFX-fence.json 2>/out/$PFX-fence.err
 echo $? > /out/$PFX-fence.rc
