@@ -16,7 +16,7 @@ use super::types::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tandem_dlm::shell::{BoxStream, ConnectFuture, Connector};
 use tandem_dlm::types as dlm;
 
@@ -55,9 +55,11 @@ impl Connector for AuthConnector {
     }
 }
 
-/// The running lock manager of this node.
+/// The running lock manager of this node. When the cluster ends this node's life (it
+/// rejoins as a new incarnation), the lock manager restarts as that new life too: the
+/// old one's locks were dropped by the survivors and its clients must start over.
 pub struct DlmService {
-    node: Arc<tandem_dlm::shell::Node>,
+    current: Arc<Mutex<Option<tandem_dlm::shell::Node>>>,
     socket: PathBuf,
 }
 
@@ -69,95 +71,135 @@ impl std::fmt::Debug for DlmService {
     }
 }
 
+async fn start_dlm(
+    node: &Node,
+    socket: &std::path::Path,
+) -> Result<tandem_dlm::shell::Node, NodeError> {
+    let config = node.config();
+    let me = config
+        .node(node.id())
+        .ok_or_else(|| NodeError::UnknownNode(node.name().to_owned()))?
+        .clone();
+    let peers: BTreeMap<dlm::NodeId, SocketAddr> = config
+        .nodes
+        .iter()
+        .filter(|n| n.id != me.id)
+        .map(|n| (dlm_node(n.id), n.address))
+        .collect();
+    let addresses = config
+        .nodes
+        .iter()
+        .filter(|n| n.id != me.id)
+        .map(|n| (dlm_node(n.id), (n.id, n.address)))
+        .collect();
+    let dlm_config = tandem_dlm::shell::NodeConfig {
+        node: dlm_node(me.id),
+        incarnation: dlm::Incarnation(node.incarnation().0),
+        listen: None,
+        peers,
+        socket: Some(socket.to_path_buf()),
+        socket_admin: false,
+        core: tandem_dlm::core::Config::default(),
+    };
+    let connector = Arc::new(AuthConnector {
+        node: node.clone(),
+        addresses,
+        bind: me.address.ip(),
+    });
+    tandem_dlm::shell::Node::start_with(dlm_config, connector)
+        .await
+        .map_err(|e| NodeError::Propose(format!("starting the lock manager: {e}")))
+}
+
 impl DlmService {
     /// Starts the lock manager for `node`, serving clients on `socket`.
     pub async fn start(node: &Node, socket: PathBuf) -> Result<Self, NodeError> {
-        let config = node.config();
-        let me = config
-            .node(node.id())
-            .ok_or_else(|| NodeError::UnknownNode(node.name().to_owned()))?
-            .clone();
-        let peers: BTreeMap<dlm::NodeId, SocketAddr> = config
-            .nodes
-            .iter()
-            .filter(|n| n.id != me.id)
-            .map(|n| (dlm_node(n.id), n.address))
-            .collect();
-        let addresses = config
-            .nodes
-            .iter()
-            .filter(|n| n.id != me.id)
-            .map(|n| (dlm_node(n.id), (n.id, n.address)))
-            .collect();
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).map_err(|source| NodeError::StateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        let dlm_config = tandem_dlm::shell::NodeConfig {
-            node: dlm_node(me.id),
-            incarnation: dlm::Incarnation(node.incarnation().0),
-            listen: None,
-            peers,
-            socket: Some(socket.clone()),
-            socket_admin: false,
-            core: tandem_dlm::core::Config::default(),
-        };
-        let connector = Arc::new(AuthConnector {
-            node: node.clone(),
-            addresses,
-            bind: me.address.ip(),
-        });
-        let dlm_node_handle = tandem_dlm::shell::Node::start_with(dlm_config, connector)
-            .await
-            .map_err(|e| NodeError::Propose(format!("starting the lock manager: {e}")))?;
-        let service = Self {
-            node: Arc::new(dlm_node_handle),
-            socket,
-        };
+        let first = start_dlm(node, &socket).await?;
+        let current = Arc::new(Mutex::new(Some(first)));
         // Inbound peer connections, already authenticated by the transport.
         let mut inbound = node.accept_channel(Channel::Dlm);
-        let dlm = Arc::clone(&service.node);
+        let for_inbound = Arc::clone(&current);
         tokio::spawn(async move {
             while let Some((_peer, stream)) = inbound.recv().await {
-                dlm.serve_peer(Box::new(stream));
+                if let Some(dlm) = for_inbound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    dlm.serve_peer(Box::new(stream));
+                }
             }
         });
-        // Membership and fencing from the cluster log.
+        // Membership and fencing from the cluster log; a new life restarts the DLM.
         let mut state = node.watch_state();
-        let dlm = Arc::clone(&service.node);
+        let for_membership = Arc::clone(&current);
+        let cluster_node = node.clone();
+        let path = socket.clone();
         tokio::spawn(async move {
+            let mut incarnation = cluster_node.incarnation();
             let mut last_members: Option<BTreeMap<dlm::NodeId, dlm::Incarnation>> = None;
             let mut confirmed: BTreeSet<(NodeId, u64)> = BTreeSet::new();
             loop {
-                let current: Arc<ClusterState> = state.borrow_and_update().clone();
-                let members: BTreeMap<dlm::NodeId, dlm::Incarnation> = current
+                if cluster_node.incarnation() != incarnation {
+                    incarnation = cluster_node.incarnation();
+                    tracing::warn!(%incarnation, "restarting the lock manager as this node's new life");
+                    let old = for_membership
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    drop(old);
+                    match start_dlm(&cluster_node, &path).await {
+                        Ok(fresh) => {
+                            *for_membership.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh)
+                        }
+                        Err(e) => tracing::error!(error = %e, "the lock manager did not restart"),
+                    }
+                    last_members = None;
+                    confirmed.clear();
+                }
+                let current_state: Arc<ClusterState> = state.borrow_and_update().clone();
+                let members: BTreeMap<dlm::NodeId, dlm::Incarnation> = current_state
                     .members
                     .iter()
                     .filter(|(_, m)| m.up)
                     .map(|(id, m)| (dlm_node(*id), dlm::Incarnation(m.incarnation.0)))
                     .collect();
-                if last_members.as_ref() != Some(&members) && !members.is_empty() {
-                    dlm.membership(dlm::Epoch(current.epoch.0), members.clone());
-                    last_members = Some(members);
-                }
-                for (id, member) in &current.members {
-                    // Down in the log: declared dead after the failure timeout (its quorum
-                    // lease expired earlier) or left in an orderly way.
-                    if !member.up
-                        && member.incarnation.0 > 0
-                        && confirmed.insert((*id, member.incarnation.0))
-                    {
-                        dlm.fence_confirmed(dlm_node(*id), dlm::Incarnation(member.incarnation.0));
+                if let Some(dlm) = for_membership
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    if last_members.as_ref() != Some(&members) && !members.is_empty() {
+                        dlm.membership(dlm::Epoch(current_state.epoch.0), members.clone());
+                        last_members = Some(members);
+                    }
+                    for (id, member) in &current_state.members {
+                        // Down in the log: declared dead after the failure timeout (its
+                        // quorum lease expired earlier) or left in an orderly way.
+                        if !member.up
+                            && member.incarnation.0 > 0
+                            && confirmed.insert((*id, member.incarnation.0))
+                        {
+                            dlm.fence_confirmed(
+                                dlm_node(*id),
+                                dlm::Incarnation(member.incarnation.0),
+                            );
+                        }
                     }
                 }
-                if state.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
                 }
             }
         });
-        Ok(service)
+        Ok(Self { current, socket })
     }
 
     /// The client socket.
@@ -165,8 +207,12 @@ impl DlmService {
         &self.socket
     }
 
-    /// An in-process client.
-    pub fn client(&self) -> tandem_dlm::shell::LockClient {
-        self.node.client()
+    /// An in-process client of the current life's lock manager.
+    pub fn client(&self) -> Option<tandem_dlm::shell::LockClient> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|n| n.client())
     }
 }

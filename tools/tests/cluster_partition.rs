@@ -226,6 +226,31 @@ fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes()
         demo::compare_replicas(&c).unwrap(),
         "replicas differ after the partition healed"
     );
+    // The ex-primary's lock manager restarted with its new life and serves locks again,
+    // in the same lock space as the others.
+    for node in [old.as_str(), other] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tandemctl"))
+            .arg("--socket")
+            .arg(dir.join(node).join("dlm.sock"))
+            .args([
+                "lock",
+                "-w",
+                "30",
+                "after-heal",
+                "res",
+                "--mode",
+                "ex",
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tandemctl lock on {node} after the heal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     drop(c);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
