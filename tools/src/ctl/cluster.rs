@@ -28,6 +28,28 @@ pub struct Target {
 }
 
 impl Target {
+    /// The lock manager socket for `tandemctl lock/locks`: `--socket`, else (when the
+    /// configuration file exists) this node's `dlm_socket` from it; `None` leaves the
+    /// choice to `$TANDEM_DLM_SOCKET` or the default.
+    pub fn dlm_socket(&self) -> Option<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Some(s.clone());
+        }
+        if std::env::var_os("TANDEM_DLM_SOCKET").is_some() {
+            return None;
+        }
+        let config = Config::load(&self.config).ok()?;
+        let node = match &self.node {
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()
+                .ok()?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        config.node_by_name(&node)?;
+        Some(config.dlm_socket(&node))
+    }
+
     /// The control socket to use.
     pub fn socket(&self) -> anyhow::Result<PathBuf> {
         if let Some(s) = &self.socket {

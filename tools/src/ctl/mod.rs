@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 
 /// Control and inspect a tandem cluster.
 #[derive(Debug, Parser)]
-#[command(name = "tandemctl", version, about)]
+#[command(
+    name = "tandemctl",
+    version,
+    about = "Control and inspect a tandem cluster"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -91,8 +95,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         } => cluster::resolve(&target, &volume, discard_my_data),
         Command::Demo(args) => demo::run(args),
         Command::CheckConfig { file } => cluster::check_config(&file.unwrap_or(target.config)),
-        Command::Lock(args) => lock::run_lock(args, target.socket.as_deref()),
-        Command::Locks(args) => lock::run_locks(args, target.socket.as_deref()),
+        Command::Lock(args) => lock::run_lock(args, target.dlm_socket().as_deref()),
+        Command::Locks(args) => lock::run_locks(args, target.dlm_socket().as_deref()),
         Command::CreateMd(args) => md::create(args),
         Command::DumpMd(args) => md::dump(args),
         Command::Replica(cmd) => volume::run(cmd, target.socket.as_deref()),
