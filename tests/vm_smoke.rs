@@ -107,6 +107,13 @@ IB=$(sed -n 's/.*"device": "\(.*\)".*/\1/p' /out/lio-iscsi.json | sed -n 2p)
 sg_persist --out --register --param-sark=0xc3 "$IA"
 sg_persist --out --register --param-sark=0xd4 "$IB"
 sg_persist --in --read-keys "$IA" > /out/iscsi-keys.txt
+$T fixture create tgt --name tg --nexuses 2 --portal 127.0.0.1:3261 --json > /out/tgt.json
+TA=$(sed -n 's/.*"device": "\(.*\)".*/\1/p' /out/tgt.json | sed -n 1p)
+TB=$(sed -n 's/.*"device": "\(.*\)".*/\1/p' /out/tgt.json | sed -n 2p)
+sg_persist --out --register --param-sark=0xe5 "$TA"
+sg_persist --out --register --param-sark=0xf6 "$TB"
+sg_persist --in --read-keys "$TA" > /out/tgt-keys.txt
+$T fixture destroy tg
 $T fixture create nvmet --name nv --nexuses 1 --json > /out/nvmet.json
 $T fixture list --json > /out/list.json
 $T fixture destroy nv
@@ -178,6 +185,14 @@ echo FIXTURES-DONE
     assert!(
         iscsi_keys.contains("0xc3") && iscsi_keys.contains("0xd4"),
         "{iscsi_keys}"
+    );
+
+    let tgt: serde_json::Value = serde_json::from_str(&read("tgt.json")).unwrap();
+    assert_eq!(tgt["nexuses"].as_array().unwrap().len(), 2, "{tgt}");
+    let tgt_keys = read("tgt-keys.txt");
+    assert!(
+        tgt_keys.contains("0xe5") && tgt_keys.contains("0xf6"),
+        "{tgt_keys}"
     );
 
     let nvmet: serde_json::Value = serde_json::from_str(&read("nvmet.json")).unwrap();

@@ -45,7 +45,8 @@ pub struct CreateArgs {
     /// iSCSI portal on 127.0.0.0/8.
     #[arg(long, default_value = "127.0.0.1:3260")]
     pub portal: String,
-    /// LIO: direct command submission (avoids the tcm_loop PREEMPT AND ABORT deadlock).
+    /// LIO: direct command submission (submit_type 1). Note: on 6.12 it does NOT avoid
+    /// the tcm_loop PREEMPT AND ABORT deadlock.
     #[arg(long)]
     pub direct_submit: bool,
     /// Print JSON.
