@@ -6,6 +6,7 @@
 //! |-----|------|
 //! | `fio 1 file` | fio, io_uring, O_DIRECT, on one backing file |
 //! | `fio 2 files` | the same workload on both backing files at once (two jobs): the physical reference for two replicas sharing one disk and two cores |
+//! | `qsd NBD` | qemu-storage-daemon exporting one file over NBD (io_uring, O_DIRECT): the cost of the NBD loopback path alone |
 //! | `tandem local` | one `tandemd replica` with no peer, primary, NBD export; fio's nbd engine |
 //! | `tandem C` | two `tandemd replica` processes on 127.0.0.x, protocol C over loopback; fio's nbd engine on the primary's export |
 //!
@@ -318,6 +319,46 @@ fn main() {
         .collect();
     rows.push(("fio 2 files", two));
 
+    // An NBD reference: qemu-storage-daemon exporting one file (io_uring, O_DIRECT) to the
+    // same fio nbd engine — what the NBD loopback path itself costs.
+    {
+        let port = 16000 + (std::process::id() % 1000) as u16;
+        let spawned = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=f,cache.direct=on,aio=io_uring",
+                f1.display()
+            ))
+            .args([
+                "--nbd-server",
+                &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+                "--export",
+                "type=nbd,id=e,node-name=f,name=bench,writable=on",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut qsd) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let uri = format!("nbd://127.0.0.1:{port}/bench");
+                let figs = WORKLOADS
+                    .iter()
+                    .map(|w| fio(w, &FioTarget::Nbd(uri.clone())))
+                    .collect();
+                rows.push(("qsd NBD", figs));
+                let _ = qsd.kill();
+                let _ = qsd.wait();
+            }
+            Err(e) => println!("(no qemu-storage-daemon reference: {e})"),
+        }
+    }
+
     // tandem local-only (no peer).
     {
         let (local, nbd) = start(
@@ -478,17 +519,19 @@ fn main() {
             get("tandem local"),
             get("tandem C"),
         );
+        let qsd = get("qsd NBD");
         let metric = |f: &Figures| if w.bs == "1M" { f.mb_s } else { f.iops };
         println!(
-            "  ratios: tandem C / fio 2 files = {:.2}; tandem local / fio 1 file = {:.2}; p99 overhead C vs 2 files = {:.1} µs",
+            "  ratios: tandem C / fio 2 files = {:.2}; tandem local / fio 1 file = {:.2}; tandem local / qsd NBD = {:.2}; p99 overhead C vs 2 files = {:.1} µs",
             metric(&c) / metric(&two).max(1e-9),
             metric(&local) / metric(&one).max(1e-9),
+            metric(&local) / metric(&qsd).max(1e-9),
             c.p99_us - two.p99_us
         );
         results.insert(
             w.name.into(),
             serde_json::json!({
-                "fio_1_file": one, "fio_2_files": two, "tandem_local": local, "tandem_c": c,
+                "fio_1_file": one, "fio_2_files": two, "qsd_nbd": qsd, "tandem_local": local, "tandem_c": c,
             }),
         );
     }

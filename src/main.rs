@@ -87,13 +87,6 @@ fn main() -> anyhow::Result<()> {
 
 fn replica(args: tandem::replica::ReplicaArgs) -> anyhow::Result<()> {
     init_tracing(false);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("tandemd")
-        .build()
-        .context("starting the async runtime")?;
     let name = args.name.clone();
-    runtime
-        .block_on(tandem::replica::run(args))
-        .with_context(|| format!("replica {name}"))
+    tandem::replica::main(args).with_context(|| format!("replica {name}"))
 }

@@ -88,6 +88,9 @@ pub struct ReplicaArgs {
     pub ping_interval_ms: u64,
     #[arg(long, default_value_t = 5000)]
     pub ping_timeout_ms: u64,
+    /// Async worker threads (besides the io_uring threads).
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 impl ReplicaArgs {
@@ -136,6 +139,17 @@ impl ReplicaArgs {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("/run/tandem/replica-{}.sock", self.name)))
     }
+}
+
+/// Builds the async runtime and runs the replica on it (what `tandemd replica` does).
+pub fn main(args: ReplicaArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .thread_name("tandemd")
+        .build()
+        .map_err(TandemError::io("starting the async runtime"))?;
+    runtime.block_on(run(args))
 }
 
 /// Runs a standalone replica until SIGTERM or SIGINT, then shuts it down cleanly.

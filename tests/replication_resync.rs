@@ -262,3 +262,47 @@ fn garbage_on_the_replication_port_is_refused_and_metadata_stays_intact() {
         is_conn(s, "connected") && s["disk"] == "up-to-date"
     });
 }
+
+#[test]
+fn online_verify_finds_a_corrupted_block_and_a_reconnect_repairs_it() {
+    use std::os::unix::fs::FileExt;
+    let (_dir, a, b) = pair("repl-verify", &[], &[]);
+    initial_sync(&a, &b);
+    let mut c = NbdClient::connect(a.nbd.unwrap(), "vol").unwrap();
+    let mut rng = Rng(5);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..4u64 {
+        rng.fill(&mut buf);
+        assert_eq!(c.write(i << 20, &buf), 0);
+    }
+    assert_eq!(c.flush(), 0);
+    a.wait_for("in sync", Duration::from_secs(30), |s| {
+        is_conn(s, "connected") && s["out_of_sync_bytes"] == 0
+    });
+    // Corrupt one block of the secondary behind tandem's back.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.backing)
+        .unwrap();
+    f.write_all_at(&[0xee; 4096], (2 << 20) + 8192).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    a.ok(&["verify", "vol"]);
+    let s = a.wait_for("verify done", Duration::from_secs(60), |s| {
+        is_conn(s, "connected") && s["verify_mismatched_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    let mismatched = s["verify_mismatched_bytes"].as_u64().unwrap();
+    assert!((4096..=1 << 20).contains(&mismatched), "{mismatched}");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() >= 4096, "{s:#}");
+    // A reconnect resyncs the marked blocks from the primary.
+    b.ok(&["disconnect", "vol"]);
+    b.ok(&["connect", "vol"]);
+    a.wait_for("repaired", Duration::from_secs(60), |s| {
+        is_conn(s, "connected") && s["out_of_sync_bytes"] == 0 && s["peer_disk"] == "up-to-date"
+    });
+    let data = data_size(&a);
+    assert_eq!(
+        sha256_prefix(&a.backing, data),
+        sha256_prefix(&b.backing, data)
+    );
+}

@@ -2690,6 +2690,8 @@ impl Replica {
 }
 
 mod sync;
+#[cfg(test)]
+mod tests;
 
 /// Is barrier number `a` at or before `b` (numbers wrap)?
 fn barrier_le(a: u32, b: u32) -> bool {

@@ -12,7 +12,7 @@ use super::{BlockStore, Completion, IoDone, IoOp, StoreConfig, block_size_of, op
 use crate::error::{Result, TandemError};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
 /// Submission-queue depth of each ring.
@@ -30,6 +30,8 @@ enum Msg {
 struct Worker {
     tx: mpsc::Sender<Msg>,
     doorbell: Arc<EventFd>,
+    /// Set by the I/O thread just before it sleeps: only then does a submitter ring.
+    sleeping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -83,13 +85,16 @@ impl UringStore {
             let (tx, rx) = mpsc::channel();
             let file = Arc::clone(&file);
             let bell = Arc::clone(&doorbell);
+            let sleeping = Arc::new(AtomicBool::new(false));
+            let asleep = Arc::clone(&sleeping);
             let thread = std::thread::Builder::new()
                 .name(format!("tandem-uring-{index}"))
-                .spawn(move || run(ring, &file, &bell, &rx))
+                .spawn(move || run(ring, &file, &bell, &asleep, &rx))
                 .map_err(TandemError::io("starting an io_uring I/O thread"))?;
             workers.push(Worker {
                 tx,
                 doorbell,
+                sleeping,
                 thread: Some(thread),
             });
         }
@@ -130,9 +135,12 @@ impl BlockStore for UringStore {
         let worker = &self.workers[index];
         match worker.tx.send(Msg::Op(op, done)) {
             Ok(()) => {
-                // A failed doorbell means the thread is gone; its channel then drops the op
-                // and the completion below never runs, so report the failure through it.
-                let _ = worker.doorbell.write(1);
+                // Ring only if the thread sleeps (or is about to): a busy thread drains
+                // the channel after its next completion anyway. SeqCst pairs with the
+                // thread's store-then-check, so an op is never left unnoticed.
+                if worker.sleeping.swap(false, Ordering::SeqCst) {
+                    let _ = worker.doorbell.write(1);
+                }
             }
             Err(mpsc::SendError(Msg::Op(_, done))) => done(IoDone {
                 result: Err(TandemError::StoreClosed),
@@ -170,7 +178,13 @@ enum PendingKind {
     Deallocate { offset: u64, len: u64 },
 }
 
-fn run(mut ring: Ring, file: &std::fs::File, doorbell: &EventFd, rx: &mpsc::Receiver<Msg>) {
+fn run(
+    mut ring: Ring,
+    file: &std::fs::File,
+    doorbell: &EventFd,
+    sleeping: &AtomicBool,
+    rx: &mpsc::Receiver<Msg>,
+) {
     let fd = file.as_raw_fd();
     let mut pending: Vec<Option<Pending>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
@@ -226,7 +240,27 @@ fn run(mut ring: Ring, file: &std::fs::File, doorbell: &EventFd, rx: &mpsc::Rece
         if stopping && !busy && backlog.is_empty() {
             break;
         }
-        if let Err(e) = ring.submit_and_wait(1) {
+        // About to sleep: announce it, then look at the channel once more (a submitter
+        // that saw `false` queued its op before this store, so try_recv finds it).
+        sleeping.store(true, Ordering::SeqCst);
+        match rx.try_recv() {
+            Ok(Msg::Op(op, done)) => {
+                sleeping.store(false, Ordering::SeqCst);
+                backlog.push_back((op, done));
+                if ring.in_flight() < MAX_IN_FLIGHT {
+                    continue;
+                }
+            }
+            Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
+                sleeping.store(false, Ordering::SeqCst);
+                stopping = true;
+                continue;
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        let waited = ring.submit_and_wait(1);
+        sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = waited {
             tracing::error!(error = %e, "io_uring_enter failed; failing queued requests");
             for (op, done) in backlog.drain(..) {
                 let err = op_error(&op, std::io::Error::from_raw_os_error(libc::EIO));

@@ -1,0 +1,291 @@
+//! Core tests: feed events, assert the exact actions that matter.
+
+use super::*;
+use crate::replication::types::GenerationIds;
+
+fn persisted(current: u64) -> Persisted {
+    Persisted {
+        md: MdState {
+            generations: GenerationIds {
+                current,
+                ..Default::default()
+            },
+            flags: MdFlags {
+                consistent: true,
+                ..Default::default()
+            },
+            epoch: Epoch(1),
+            primary_since_ms: 0,
+        },
+        bitmap: Bitmap::new(1 << 20, 4096),
+        al_extents: vec![],
+        al_extent_bytes: 1 << 20,
+        al_capacity: 8,
+        diskless: false,
+    }
+}
+
+fn replica(node: u32) -> Replica {
+    let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(node), 1 << 20);
+    cfg.fencing = FencingPolicy::DontCare;
+    Replica::new(cfg, persisted(7), u64::from(node)).0
+}
+
+fn hello_of(r: &Replica) -> Msg {
+    Msg::Hello(r.hello())
+}
+
+fn peer_msg(msg: Msg) -> Event {
+    Event::PeerMsg {
+        msg,
+        payload: None,
+        payload_len: 0,
+        inline: vec![],
+    }
+}
+
+/// Two connected replicas, `a` primary.
+fn connected() -> (Replica, Replica) {
+    let mut a = replica(1);
+    let mut b = replica(2);
+    a.step(Event::Admin(Admin::Connect));
+    b.step(Event::Admin(Admin::Connect));
+    a.step(Event::TransportUp);
+    b.step(Event::TransportUp);
+    let ha = hello_of(&a);
+    let hb = hello_of(&b);
+    a.step(peer_msg(hb));
+    b.step(peer_msg(ha));
+    assert_eq!(a.conn(), ConnState::Connected);
+    assert_eq!(b.conn(), ConnState::Connected);
+    let acts = a.step(Event::Admin(Admin::Promote { force: false }));
+    assert!(acts.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Msg::StateUpdate {
+                role: Role::Primary,
+                ..
+            },
+            ..
+        }
+    )));
+    b.step(peer_msg(Msg::StateUpdate {
+        role: Role::Primary,
+        disk: DiskState::UpToDate,
+        epoch: Epoch(1),
+    }));
+    (a, b)
+}
+
+#[test]
+fn protocol_c_completes_only_after_local_done_and_the_peer_ack() {
+    let (mut a, _b) = connected();
+    let req = ReqId(1);
+    let acts = a.step(Event::AppWrite {
+        req,
+        offset: 8192,
+        len: 4096,
+        fua: false,
+    });
+    let seq = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::Send {
+                msg:
+                    Msg::Data {
+                        seq,
+                        offset: 8192,
+                        len: 4096,
+                        ..
+                    },
+                data: Some(DataRef::App(r)),
+            } if *r == req => Some(*seq),
+            _ => None,
+        })
+        .expect("the write is sent to the peer");
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::LocalWrite { tag: IoTag::App(r), .. } if *r == req))
+    );
+    assert!(!acts.iter().any(|x| matches!(x, Action::Complete { .. })));
+    // Local completion alone does not acknowledge.
+    let acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::Complete { .. })),
+        "{acts:?}"
+    );
+    // The peer's WriteAck does.
+    let acts = a.step(peer_msg(Msg::WriteAck { seq }));
+    assert_eq!(
+        acts,
+        vec![Action::Complete {
+            req,
+            result: Ok(None)
+        }]
+    );
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn a_secondary_acks_after_its_write_and_flushes_at_barriers() {
+    let (_a, mut b) = connected();
+    let acts = b.step(Event::PeerMsg {
+        msg: Msg::Data {
+            seq: 1,
+            offset: 0,
+            len: 4096,
+            fua: false,
+            barrier: 1,
+        },
+        payload: Some(10),
+        payload_len: 4096,
+        inline: vec![],
+    });
+    let tag = match acts.as_slice() {
+        [
+            Action::LocalWrite {
+                tag,
+                data: DataRef::Payload(10),
+                ..
+            },
+        ] => *tag,
+        other => panic!("{other:?}"),
+    };
+    // The barrier waits for the write, then flushes, then acks.
+    assert!(b.step(peer_msg(Msg::Barrier { number: 1 })).is_empty());
+    let acts = b.step(Event::LocalDone {
+        tag,
+        result: Ok(()),
+        digest: None,
+    });
+    assert_eq!(
+        acts,
+        vec![
+            Action::Send {
+                msg: Msg::WriteAck { seq: 1 },
+                data: None
+            },
+            Action::LocalFlush {
+                tag: IoTag::Barrier(1)
+            }
+        ]
+    );
+    let acts = b.step(Event::LocalDone {
+        tag: IoTag::Barrier(1),
+        result: Ok(()),
+        digest: None,
+    });
+    assert_eq!(
+        acts,
+        vec![Action::Send {
+            msg: Msg::BarrierAck { number: 1 },
+            data: None
+        }]
+    );
+}
+
+#[test]
+fn garbage_and_wrong_volumes_are_refused_with_a_reason() {
+    let mut a = replica(1);
+    a.step(Event::Admin(Admin::Connect));
+    a.step(Event::TransportUp);
+    let mut other = replica(2);
+    other.cfg.volume_id = VolumeId::from_name("another");
+    let acts = a.step(peer_msg(hello_of(&other)));
+    let reason = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::Send {
+                msg: Msg::Refuse { reason },
+                ..
+            } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("refused");
+    assert!(reason.contains("volume"), "{reason}");
+    assert_eq!(a.conn(), ConnState::StandAlone);
+    assert_eq!(
+        a.md().generations.current,
+        7,
+        "nothing persisted from the peer"
+    );
+
+    // Out-of-range replicated writes are a protocol error, not a write.
+    let (_p, mut b) = connected();
+    let acts = b.step(Event::PeerMsg {
+        msg: Msg::Data {
+            seq: 9,
+            offset: 1 << 20,
+            len: 4096,
+            fua: false,
+            barrier: 1,
+        },
+        payload: Some(3),
+        payload_len: 4096,
+        inline: vec![],
+    });
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::LocalWrite { .. })),
+        "{acts:?}"
+    );
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Release(DataRef::Payload(3))))
+    );
+    assert!(acts.iter().any(|x| matches!(x, Action::Notify(Notice::PeerProtocolError { reason }) if reason.contains("beyond the volume size"))));
+}
+
+#[test]
+fn a_write_without_the_peer_waits_for_the_fencing_hook() {
+    let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(1), 1 << 20);
+    cfg.fencing = FencingPolicy::ResourceAndStonith;
+    let (mut a, _) = Replica::new(cfg, persisted(7), 1);
+    let acts = a.step(Event::Admin(Admin::Promote { force: false }));
+    assert!(acts.contains(&Action::OutdatePeer), "{acts:?}");
+    assert!(a.is_suspended());
+    let req = ReqId(5);
+    a.step(Event::AppWrite {
+        req,
+        offset: 0,
+        len: 4096,
+        fua: false,
+    });
+    let acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::Complete { .. })),
+        "acked before fencing: {acts:?}"
+    );
+    // Fencing failed: still suspended.
+    let acts = a.step(Event::OutdatePeerDone {
+        ok: false,
+        detail: "no quorum".into(),
+    });
+    assert!(!acts.iter().any(|x| matches!(x, Action::Complete { .. })));
+    assert!(a.is_suspended());
+    // Retried after a second; this time it works: a new generation is durable first,
+    // then the write completes.
+    let acts = a.step(Event::Tick { now_ms: 5_000 });
+    assert!(acts.contains(&Action::OutdatePeer));
+    let acts = a.step(Event::OutdatePeerDone {
+        ok: true,
+        detail: String::new(),
+    });
+    let persist = acts
+        .iter()
+        .position(|x| matches!(x, Action::PersistSuperblock(md) if md.generations.bitmap == 7 && md.generations.current != 7))
+        .expect("a new generation is persisted");
+    let complete = acts
+        .iter()
+        .position(|x| matches!(x, Action::Complete { req: r, result: Ok(None) } if *r == req))
+        .expect("the write completes");
+    assert!(persist < complete);
+    assert_eq!(a.bitmap().count(), 1, "the block is marked for resync");
+}
