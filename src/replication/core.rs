@@ -1162,12 +1162,17 @@ impl Replica {
         self.start_write(req, offset, len, kind, out);
     }
 
-    /// Must this write wait: it overlaps a write whose local part is not done, or a
-    /// resync/verify request in flight.
+    /// Must this write wait: it overlaps a write whose local part is not done, a write
+    /// received from the peer that is still being applied (a node just promoted may have
+    /// some from the old primary), or a resync/verify request in flight.
     fn write_conflicts(&self, offset: u64, len: u64) -> bool {
         self.writes
             .values()
             .any(|w| w.local == Stage::Pending && overlaps(offset, len, w.offset, w.len))
+            || self
+                .recv
+                .values()
+                .any(|op| overlaps(offset, len, op.offset, op.len))
             || self.resync.as_ref().is_some_and(|r| {
                 r.in_flight
                     .values()
@@ -2206,6 +2211,8 @@ impl Replica {
                 self.handshake = None;
                 self.discard_my_data = false;
                 self.connected(out);
+                // Connected first, so a disk state change below reaches the peer.
+                self.set_conn(ConnState::Connected, out);
                 let same = self.md.generations.current == h.generations.current;
                 if same && matches!(self.disk, DiskState::Outdated | DiskState::Consistent) {
                     // Same data as the peer: this copy is as new as any.
@@ -2221,7 +2228,6 @@ impl Replica {
                     let blocks = Self::bitmap_blocks(&mut self.bitmap);
                     out.push(Action::PersistBitmap { blocks });
                 }
-                self.set_conn(ConnState::Connected, out);
             }
             Decision::Source { full } | Decision::Target { full } => {
                 let source = matches!(decision, Decision::Source { .. });
@@ -2434,6 +2440,7 @@ impl Replica {
         }
         self.pump_recv(out);
         self.pump_barriers(out);
+        self.run_blocked(out);
     }
 
     fn pump_barriers(&mut self, out: &mut Vec<Action>) {

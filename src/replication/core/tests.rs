@@ -54,8 +54,20 @@ fn connected() -> (Replica, Replica) {
     b.step(Event::TransportUp);
     let ha = hello_of(&a);
     let hb = hello_of(&b);
-    a.step(peer_msg(hb));
-    b.step(peer_msg(ha));
+    let from_a = a.step(peer_msg(hb));
+    let from_b = b.step(peer_msg(ha));
+    // Deliver the state updates each side sent (disk now UpToDate).
+    for (acts, to) in [(from_a, &mut b), (from_b, &mut a)] {
+        for act in acts {
+            if let Action::Send {
+                msg: msg @ Msg::StateUpdate { .. },
+                ..
+            } = act
+            {
+                to.step(peer_msg(msg));
+            }
+        }
+    }
     assert_eq!(a.conn(), ConnState::Connected);
     assert_eq!(b.conn(), ConnState::Connected);
     let acts = a.step(Event::Admin(Admin::Promote { force: false }));
@@ -288,4 +300,70 @@ fn a_write_without_the_peer_waits_for_the_fencing_hook() {
         .expect("the write completes");
     assert!(persist < complete);
     assert_eq!(a.bitmap().count(), 1, "the block is marked for resync");
+}
+
+#[test]
+fn a_failing_disk_is_detached_and_writes_are_served_by_the_peer() {
+    let (mut a, _b) = connected();
+    let req = ReqId(3);
+    let acts = a.step(Event::AppWrite {
+        req,
+        offset: 0,
+        len: 4096,
+        fua: false,
+    });
+    let seq = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::Send {
+                msg: Msg::Data { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .unwrap();
+    let acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Err("writing 4096 bytes at offset 0: Input/output error".into()),
+        digest: None,
+    });
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Notify(Notice::DiskFailed { .. })))
+    );
+    assert!(acts.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Msg::StateUpdate {
+                disk: DiskState::Diskless,
+                ..
+            },
+            ..
+        }
+    )));
+    assert_eq!(a.disk(), DiskState::Diskless);
+    // The peer has it: the write succeeds.
+    let acts = a.step(peer_msg(Msg::WriteAck { seq }));
+    assert!(acts.contains(&Action::Complete {
+        req,
+        result: Ok(None)
+    }));
+    // Reads now go to the peer.
+    let acts = a.step(Event::AppRead {
+        req: ReqId(4),
+        offset: 0,
+        len: 4096,
+    });
+    assert!(
+        acts.iter().any(|x| matches!(
+            x,
+            Action::Send {
+                msg: Msg::ReadRequest { id: 4, .. },
+                ..
+            }
+        )),
+        "{acts:?}"
+    );
+    assert!(!acts.iter().any(|x| matches!(x, Action::LocalRead { .. })));
+    a.check_invariants().unwrap();
 }
