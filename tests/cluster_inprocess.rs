@@ -3,6 +3,8 @@
 //! The data path is not involved (see the multi-process tests for that); these check
 //! membership, quorum, promotion, failover and switchover decisions end to end.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

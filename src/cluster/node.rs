@@ -115,6 +115,7 @@ struct Inner {
     fencer: Option<Arc<dyn Fencer>>,
     resources_running: Mutex<BTreeSet<String>>,
     fencing: Mutex<BTreeSet<String>>,
+    evidence: Mutex<orchestrator::ResyncEvidence>,
     fence_operations: AtomicU64,
     events: broadcast::Sender<Event>,
     acceptors: Mutex<BTreeMap<Channel, mpsc::Sender<Accepted>>>,
@@ -281,6 +282,7 @@ impl Node {
             fencer,
             resources_running: Mutex::default(),
             fencing: Mutex::default(),
+            evidence: Mutex::default(),
             fence_operations: AtomicU64::new(0),
             events,
             acceptors: Mutex::default(),
@@ -506,6 +508,25 @@ impl Node {
         }
     }
 
+    /// The last report of every node still heard within the failure timeout (a silent
+    /// node's last report is history, not state).
+    fn fresh_peer_reports(&self) -> BTreeMap<NodeId, NodeReport> {
+        let alive = self
+            .inner
+            .detector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .alive(self.now());
+        self.inner
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(id, _)| alive.contains(id))
+            .map(|(id, r)| (*id, r.clone()))
+            .collect()
+    }
+
     /// This node's report: its replicas and their resources.
     fn report(&self) -> NodeReport {
         let running = self
@@ -662,12 +683,7 @@ impl Node {
             }
             return;
         }
-        let reports = self
-            .inner
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let reports = self.fresh_peer_reports();
         let decisions = orchestrator::leader_decisions(LeaderView {
             now: self.now(),
             state: &state,
@@ -691,14 +707,22 @@ impl Node {
 
     /// This node's part: the orchestrator's local actions, in order.
     async fn act(&self, quorate: bool) {
+        // The state first, then the replicas read fresh: a replica's view taken after
+        // the log's state is never older than it.
         let state = self.state();
-        let replicas: BTreeMap<String, ReplicaReport> = self.report().volumes;
-        let reports = self
+        let mut replicas: BTreeMap<String, ReplicaReport> = BTreeMap::new();
+        let running = self
             .inner
-            .reports
+            .resources_running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        for (name, driver) in &self.inner.drivers {
+            let mut report = driver.fresh_report().await;
+            report.resources_running = running.contains(name);
+            replicas.insert(name.clone(), report);
+        }
+        let reports = self.fresh_peer_reports();
         let shared: BTreeSet<String> = self
             .inner
             .config
@@ -716,6 +740,12 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let resynced = self
+            .inner
+            .evidence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&state, &replicas);
         let actions = orchestrator::local_actions(LocalView {
             me: self.inner.me,
             incarnation: self.incarnation(),
@@ -726,8 +756,15 @@ impl Node {
             reports: &reports,
             shared: &shared,
             fencing: &fencing,
+            resynced: &resynced,
         });
         for action in actions {
+            if let LocalAction::Propose {
+                command: Command::UpToDate { volume, .. },
+            } = &action
+            {
+                tracing::info!(%volume, replica = ?replicas.get(volume), "proposing that the peer is UpToDate again");
+            }
             let result = self.carry_out(&action).await;
             let quiet = matches!(
                 action,
@@ -1036,6 +1073,17 @@ impl Node {
         let _ = self.inner.stopping.send(true);
         self.inner.peers.stop();
         let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// This primary is about to ask for its peer of `volume` to be outdated; its replica
+    /// has counted `peer_uptodate_events` so far (evidence bookkeeping, see
+    /// [`orchestrator::ResyncEvidence`]).
+    pub fn note_outdating(&self, volume: &str, peer_uptodate_events: u64) {
+        self.inner
+            .evidence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note_outdating(volume, peer_uptodate_events);
     }
 
     /// This node's reservation key is gone from `volume`'s shared devices: it has been

@@ -69,6 +69,16 @@ pub struct ReplicaReport {
     /// Progress of a running resync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncProgress>,
+    /// The peer's disk as this replica last saw it over the replication link.
+    #[serde(default)]
+    pub peer_disk: DiskState,
+    /// This replica stepped down for lack of quorum and has not been promoted since.
+    #[serde(default)]
+    pub stepped_down: bool,
+    /// How many times this replica has seen its peer's disk become UpToDate (a resync
+    /// finished, or a handshake found it in sync). Monotonic.
+    #[serde(default)]
+    pub peer_uptodate_events: u64,
     /// The local block device the volume is exported as (ublk), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -223,6 +233,65 @@ pub struct LocalView<'a> {
     pub shared: &'a BTreeSet<String>,
     /// Fencings this node is carrying out now (not to be started twice).
     pub fencing: &'a BTreeSet<String>,
+    /// Volumes whose peer became UpToDate after this node learned of the latest
+    /// outdating (see [`ResyncEvidence`]).
+    pub resynced: &'a BTreeSet<String>,
+}
+
+/// Evidence that an Outdated peer really resynced: a PeerDisk→UpToDate transition seen
+/// by the primary's replica *after* the primary learned of the latest outdating. A
+/// snapshot of "connected and UpToDate" could predate the outdating (a link that just
+/// dropped); a transition counted afterwards cannot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncEvidence {
+    /// volume → (outdate_seq seen, the replica's peer_uptodate_events then)
+    marks: BTreeMap<String, (u64, u64)>,
+    /// Counter values noted when this primary asked for its peer to be outdated (the
+    /// link was already down): a resync finishing before the outdating shows up in this
+    /// node's copy of the log is still counted.
+    pending: BTreeMap<String, u64>,
+}
+
+impl ResyncEvidence {
+    /// This primary is about to outdate its peer of `volume`; its replica has counted
+    /// `peer_uptodate_events` transitions so far.
+    pub fn note_outdating(&mut self, volume: &str, peer_uptodate_events: u64) {
+        let entry = self
+            .pending
+            .entry(volume.to_owned())
+            .or_insert(peer_uptodate_events);
+        *entry = (*entry).min(peer_uptodate_events);
+    }
+
+    /// Updates the marks from the log's state and the replicas' counters; returns the
+    /// volumes with a resync counted since the latest outdating.
+    pub fn observe(
+        &mut self,
+        state: &ClusterState,
+        replicas: &BTreeMap<String, ReplicaReport>,
+    ) -> BTreeSet<String> {
+        let mut resynced = BTreeSet::new();
+        for (name, replica) in replicas {
+            let Some(volume) = state.volumes.get(name) else {
+                continue;
+            };
+            let mark = self
+                .marks
+                .entry(name.clone())
+                .or_insert((volume.outdate_seq, replica.peer_uptodate_events));
+            if mark.0 != volume.outdate_seq {
+                let noted = self
+                    .pending
+                    .remove(name)
+                    .unwrap_or(replica.peer_uptodate_events);
+                *mark = (volume.outdate_seq, noted.min(replica.peer_uptodate_events));
+            }
+            if replica.peer_uptodate_events > mark.1 {
+                resynced.insert(name.clone());
+            }
+        }
+        resynced
+    }
 }
 
 /// Something a node does to itself.
@@ -358,7 +427,10 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                     out.push(LocalAction::PromoteReplica {
                         volume: name.clone(),
                         epoch: volume.epoch,
-                        force: volume.forced_epoch == Some(volume.epoch),
+                        // After stepping down for lack of quorum the disk is marked
+                        // Outdated; the confirmation above proves nobody replaced this
+                        // primary, so its data is still the newest.
+                        force: volume.forced_epoch == Some(volume.epoch) || replica.stepped_down,
                     });
                 }
             } else if !view.quorate {
@@ -378,16 +450,16 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                         volume: name.clone(),
                     });
                 }
+                // The peer's resync is judged by this primary's own replica (its fresh
+                // view of the link and the peer's disk), never by a heartbeat that may
+                // predate the last outdating; the log checks `seen_outdate_seq`.
                 for peer in volume.replicas.iter().filter(|p| **p != me) {
-                    let peer_replica = view.reports.get(peer).and_then(|r| r.volumes.get(name));
                     if volume.outdated.contains(peer)
+                        && view.resynced.contains(name)
                         && replica.connected
-                        && peer_replica.is_some_and(|p| {
-                            p.disk == DiskState::UpToDate
-                                && p.connected
-                                && !p.syncing
-                                && p.epoch == volume.epoch
-                        })
+                        && !replica.syncing
+                        && replica.peer_disk == DiskState::UpToDate
+                        && replica.epoch == volume.epoch
                     {
                         out.push(LocalAction::Propose {
                             command: Command::UpToDate {
@@ -395,6 +467,7 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                                 node: *peer,
                                 by: me,
                                 expect: volume.epoch,
+                                seen_outdate_seq: volume.outdate_seq,
                             },
                         });
                     }
@@ -557,6 +630,7 @@ mod tests {
             reports: &no_reports,
             shared: &none,
             fencing: &none,
+            resynced: &none,
         };
         let actions = local_actions(local);
         assert!(
@@ -621,6 +695,7 @@ mod tests {
                 reports: &no_reports,
                 shared: &none,
                 fencing: &none,
+                resynced: &none,
             })
         };
         assert_eq!(
@@ -677,6 +752,7 @@ mod tests {
             reports: &no_reports,
             shared: &none,
             fencing: &none,
+            resynced: &none,
         };
         assert_eq!(
             local_actions(view(&mine)),
@@ -720,8 +796,25 @@ mod tests {
         });
         let mut mine = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
         mine.get_mut("vol0").unwrap().resources_running = true;
+        // A heartbeat from the peer saying "UpToDate" is not evidence: only this
+        // primary's own view of the link and the peer's disk is.
         let reports = BTreeMap::from([(B, report(DiskState::UpToDate, ReplicaRole::Secondary, e))]);
         let none = BTreeSet::new();
+        let no_evidence = LocalView {
+            me: A,
+            incarnation: INC,
+            now: Millis(0),
+            quorate: true,
+            state: &s,
+            replicas: &mine,
+            reports: &reports,
+            shared: &none,
+            fencing: &none,
+            resynced: &none,
+        };
+        assert!(local_actions(no_evidence).is_empty());
+        mine.get_mut("vol0").unwrap().peer_disk = DiskState::UpToDate;
+        let resynced = BTreeSet::from(["vol0".to_owned()]);
         let local = LocalView {
             me: A,
             incarnation: INC,
@@ -732,6 +825,7 @@ mod tests {
             reports: &reports,
             shared: &none,
             fencing: &none,
+            resynced: &resynced,
         };
         assert_eq!(
             local_actions(local),
@@ -740,9 +834,65 @@ mod tests {
                     volume: "vol0".into(),
                     node: B,
                     by: A,
-                    expect: e
+                    expect: e,
+                    seen_outdate_seq: s.volumes["vol0"].outdate_seq,
                 }
             }]
+        );
+    }
+
+    #[test]
+    fn resync_evidence_counts_only_transitions_after_the_latest_outdating() {
+        let mut s = state();
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Promote {
+            volume: "vol0".into(),
+            node: A,
+            expect: e,
+        });
+        let mut replicas = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
+        replicas.get_mut("vol0").unwrap().peer_uptodate_events = 3;
+        let mut evidence = ResyncEvidence::default();
+        assert!(
+            evidence.observe(&s, &replicas).is_empty(),
+            "history before the first look is no evidence"
+        );
+        let e = s.volumes["vol0"].epoch;
+        s.apply(&Command::Outdate {
+            volume: "vol0".into(),
+            victim: B,
+            by: A,
+            expect: e,
+        });
+        // A snapshot still saying "in sync" after the outdating is not evidence...
+        assert!(evidence.observe(&s, &replicas).is_empty());
+        // ...a new transition is.
+        replicas.get_mut("vol0").unwrap().peer_uptodate_events = 4;
+        assert_eq!(
+            evidence.observe(&s, &replicas),
+            BTreeSet::from(["vol0".to_owned()])
+        );
+        // Outdated again: the old transition no longer counts.
+        s.apply(&Command::Outdate {
+            volume: "vol0".into(),
+            victim: B,
+            by: A,
+            expect: e,
+        });
+        assert!(evidence.observe(&s, &replicas).is_empty());
+        // The primary noted its outdating (count 4); the resync finished (5) before this
+        // node's log showed the new outdating: still counted.
+        evidence.note_outdating("vol0", 4);
+        replicas.get_mut("vol0").unwrap().peer_uptodate_events = 5;
+        s.apply(&Command::Outdate {
+            volume: "vol0".into(),
+            victim: B,
+            by: A,
+            expect: e,
+        });
+        assert_eq!(
+            evidence.observe(&s, &replicas),
+            BTreeSet::from(["vol0".to_owned()])
         );
     }
 }

@@ -18,7 +18,7 @@ use super::orchestrator::{DiskState, ReplicaReport, ReplicaRole, SyncProgress};
 use super::transport::{Channel, client_handshake};
 use super::types::{Epoch, NodeId};
 use super::volume::{BoxFuture, VolumeAction, VolumeDriver};
-use crate::replication::core::Status;
+use crate::replication::core::{Notice, Status};
 use crate::replication::transport::{BoxFuture as ReplBoxFuture, PeerConnector, PeerStream};
 use crate::replication::types::{
     ConnState, DiskState as ReplDisk, Epoch as ReplEpoch, FencingPolicy, Protocol, Role,
@@ -147,6 +147,7 @@ struct ClusterFencer {
     slot: NodeSlot,
     volume: String,
     peer: NodeId,
+    peer_uptodate_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ReplFencer for ClusterFencer {
@@ -154,8 +155,10 @@ impl ReplFencer for ClusterFencer {
         let slot = Arc::clone(&self.slot);
         let volume = self.volume.clone();
         let peer = self.peer;
+        let counted = self.peer_uptodate_events.load(Ordering::Acquire);
         Box::pin(async move {
             let node = slot.get().ok_or("the node is not running yet")?;
+            node.note_outdating(&volume, counted);
             node.outdater().outdate_peer(&volume, peer).await
         })
     }
@@ -169,6 +172,8 @@ pub struct ClusterVolume {
     report: Arc<Mutex<ReplicaReport>>,
     suspended: Arc<AtomicBool>,
     device: Arc<Mutex<Option<String>>>,
+    /// PeerDisk→UpToDate transitions seen on the volume's event stream.
+    peer_uptodate_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn disk(d: ReplDisk) -> DiskState {
@@ -181,7 +186,12 @@ fn disk(d: ReplDisk) -> DiskState {
     }
 }
 
-fn report_of(status: &Status, suspended: bool, device: Option<String>) -> ReplicaReport {
+fn report_of(
+    status: &Status,
+    suspended: bool,
+    device: Option<String>,
+    peer_uptodate_events: u64,
+) -> ReplicaReport {
     ReplicaReport {
         disk: disk(status.disk),
         role: match status.role {
@@ -199,7 +209,12 @@ fn report_of(status: &Status, suspended: bool, device: Option<String>) -> Replic
             status.connection,
             ConnState::SyncSource | ConnState::SyncTarget | ConnState::WfBitmap
         ),
-        suspended: suspended || status.io_suspended,
+        // The quorum-loss flag matters to a primary; a secondary reports it as
+        // `stepped_down` (for the re-promotion after quorum returns).
+        suspended: (suspended && status.role == Role::Primary) || status.io_suspended,
+        stepped_down: suspended,
+        peer_disk: disk(status.peer_disk),
+        peer_uptodate_events,
         epoch: Epoch(status.epoch.0),
         out_of_sync_bytes: status.out_of_sync_bytes,
         resources_running: false,
@@ -233,12 +248,26 @@ impl ClusterVolume {
     }
 
     fn set_report(&self, status: &Status) {
+        // Also count transitions seen by polling, in case the event stream lagged.
+        let previous = self
+            .report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peer_disk;
+        if previous != DiskState::UpToDate && status.peer_disk == ReplDisk::UpToDate {
+            self.peer_uptodate_events.fetch_add(1, Ordering::AcqRel);
+        }
         let device = self
             .device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let report = report_of(status, self.suspended.load(Ordering::Acquire), device);
+        let report = report_of(
+            status,
+            self.suspended.load(Ordering::Acquire),
+            device,
+            self.peer_uptodate_events.load(Ordering::Acquire),
+        );
         *self.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
     }
 
@@ -284,17 +313,33 @@ impl VolumeDriver for ClusterVolume {
                     }
                     r
                 }
-                VolumeAction::Demote => self.volume.demote().await.map_err(|e| e.to_string()),
-                VolumeAction::SetEpoch { epoch } => self
-                    .volume
-                    .set_epoch(ReplEpoch(epoch.0))
-                    .await
-                    .map_err(|e| e.to_string()),
+                // The cluster wants this replica to stop being primary: gracefully if it
+                // can (a planned switchover stopped the resources first), otherwise by
+                // failing the writes still in flight — none of them was acknowledged.
+                VolumeAction::Demote => {
+                    self.suspended.store(false, Ordering::Release);
+                    match self.volume.demote().await {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            tracing::warn!(volume = %self.name, error = %e, "graceful demote refused; stepping down");
+                            self.volume.step_down().await.map_err(|e| e.to_string())
+                        }
+                    }
+                }
+                VolumeAction::SetEpoch { epoch } => {
+                    // A new epoch ends a quorum-loss suspension story: someone else is
+                    // primary now (or this node is promoted afresh).
+                    self.suspended.store(false, Ordering::Release);
+                    self.volume
+                        .set_epoch(ReplEpoch(epoch.0))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 VolumeAction::Suspend => {
                     // No quorum: stop taking writes now. The log may already have named
                     // another primary; we must not acknowledge anything.
                     self.suspended.store(true, Ordering::Release);
-                    self.volume.demote().await.map_err(|e| e.to_string())
+                    self.volume.step_down().await.map_err(|e| e.to_string())
                 }
                 VolumeAction::Resume => {
                     self.suspended.store(false, Ordering::Release);
@@ -412,6 +457,7 @@ pub async fn start_volumes(
         vc.fencing = FencingPolicy::ResourceAndStonith;
         vc.ping_interval_ms = config.cluster.heartbeat_ms;
         vc.ping_timeout_ms = config.cluster.failure_timeout_ms;
+        let peer_uptodate_events: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let peer = volume
             .nodes
             .iter()
@@ -434,6 +480,7 @@ pub async fn start_volumes(
                     slot: Arc::clone(slot),
                     volume: volume.name.clone(),
                     peer: peer.id,
+                    peer_uptodate_events: Arc::clone(&peer_uptodate_events),
                 });
                 (Some(Arc::new(connector) as Arc<dyn PeerConnector>), fencer)
             }
@@ -452,7 +499,27 @@ pub async fn start_volumes(
             report: Arc::default(),
             suspended: Arc::default(),
             device: Arc::default(),
+            peer_uptodate_events,
         };
+        // Count the peer's disk becoming UpToDate: the evidence a resync really happened.
+        let mut events = cluster_volume.volume.events();
+        let counter = Arc::clone(&cluster_volume.peer_uptodate_events);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if let Notice::PeerDisk {
+                            state: ReplDisk::UpToDate,
+                        } = event.notice
+                        {
+                            counter.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         cluster_volume.refresh().await;
         // Keep the report fresh for heartbeats.
         let refresher = cluster_volume.clone();

@@ -86,6 +86,8 @@ struct Replica {
     syncing: Option<u32>,
     /// block → value (values grow, so "newer" is ">").
     data: BTreeMap<u32, u64>,
+    /// Times this replica saw its peer become UpToDate (as the engine counts them).
+    peer_uptodate_events: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,7 @@ struct SimNode {
     /// Heartbeat reports received from peers.
     reports: BTreeMap<NodeId, NodeReport>,
     nexus: Option<NexusId>,
+    evidence: super::orchestrator::ResyncEvidence,
 }
 
 /// What a finished run reports.
@@ -190,6 +193,7 @@ impl World {
                     resources: BTreeSet::new(),
                     reports: BTreeMap::new(),
                     nexus,
+                    evidence: super::orchestrator::ResyncEvidence::default(),
                 },
             );
         }
@@ -301,6 +305,21 @@ impl World {
         }
     }
 
+    /// What a replica's link says about its peer's disk: UpToDate only while connected
+    /// to a peer that is not mid-resync (as the replication engine reports it).
+    fn peer_disk_seen_by(&self, id: NodeId, volume: &str) -> DiskState {
+        let Some(mine) = self.nodes[&id].replicas.get(volume) else {
+            return DiskState::Diskless;
+        };
+        let peer = if id == A { B } else { A };
+        match self.nodes.get(&peer).and_then(|n| n.replicas.get(volume)) {
+            Some(theirs) if mine.connected && theirs.connected && theirs.syncing.is_none() => {
+                theirs.disk
+            }
+            _ => DiskState::Diskless,
+        }
+    }
+
     fn report_of(&self, id: NodeId) -> NodeReport {
         let node = &self.nodes[&id];
         NodeReport {
@@ -327,6 +346,9 @@ impl World {
                             resources_running: node.resources.contains(name),
                             sync: None,
                             device: None,
+                            peer_disk: self.peer_disk_seen_by(id, name),
+                            peer_uptodate_events: r.peer_uptodate_events,
+                            stepped_down: false,
                         },
                     )
                 })
@@ -441,9 +463,16 @@ impl World {
         if !self.nodes[&id].alive {
             return Ok(());
         }
+        let replicas: BTreeMap<String, ReplicaReport> = self.report_of(id).volumes;
+        let known = self.nodes[&id].known.clone();
+        let resynced = self
+            .nodes
+            .get_mut(&id)
+            .expect("node")
+            .evidence
+            .observe(&known, &replicas);
         let node = &self.nodes[&id];
         let quorate = node.detector.quorate(self.now);
-        let replicas: BTreeMap<String, ReplicaReport> = self.report_of(id).volumes;
         let shared = BTreeSet::from([SHARED.to_owned()]);
         let actions = local_actions(LocalView {
             me: id,
@@ -455,6 +484,7 @@ impl World {
             reports: &node.reports,
             shared: &shared,
             fencing: &BTreeSet::new(),
+            resynced: &resynced,
         });
         for action in actions {
             if !self.carry_out(id, action)? {
@@ -663,9 +693,12 @@ impl World {
             .get_mut(&dst)
             .and_then(|n| n.replicas.get_mut(REPLICATED))
             .expect("replica");
+        let mut became_up_to_date = false;
         if !dst_replica.connected {
             dst_replica.connected = true;
-            if dst_replica.data != src_data {
+            if dst_replica.data == src_data {
+                became_up_to_date = true;
+            } else {
                 dst_replica.syncing = Some(SYNC_STEPS);
             }
         }
@@ -674,18 +707,20 @@ impl World {
                 dst_replica.data = src_data;
                 dst_replica.syncing = None;
                 dst_replica.disk = DiskState::UpToDate;
+                became_up_to_date = true;
             } else {
                 dst_replica.syncing = Some(left - 1);
             }
         }
-        let synced = dst_replica.syncing.is_none();
         if let Some(r) = self
             .nodes
             .get_mut(&src)
             .and_then(|n| n.replicas.get_mut(REPLICATED))
         {
             r.connected = true;
-            let _ = synced;
+            if became_up_to_date {
+                r.peer_uptodate_events += 1;
+            }
         }
     }
 
@@ -769,6 +804,12 @@ impl World {
         if !peer_ok {
             // Without its peer the primary must first record the peer Outdated.
             let epoch = self.nodes[&writer].replicas[REPLICATED].epoch;
+            let counted = self.nodes[&writer].replicas[REPLICATED].peer_uptodate_events;
+            self.nodes
+                .get_mut(&writer)
+                .expect("node")
+                .evidence
+                .note_outdating(REPLICATED, counted);
             let outdate = Command::Outdate {
                 volume: REPLICATED.into(),
                 victim: peer,

@@ -46,6 +46,10 @@ pub struct VolumeRecord {
     /// to become the source of the initial full sync.
     #[serde(default)]
     pub forced_epoch: Option<Epoch>,
+    /// Bumped every time a replica is marked Outdated: an `UpToDate` must name the value
+    /// it saw, so a resync observed before a newer outdating cannot clear it.
+    #[serde(default)]
+    pub outdate_seq: u64,
 }
 
 /// A fencing the cluster is waiting for.
@@ -153,12 +157,15 @@ pub enum Command {
         by: NodeId,
         expect: Epoch,
     },
-    /// `node` finished resyncing from the primary `by`.
+    /// `node` finished resyncing from the primary `by`, after the outdating numbered
+    /// `seen_outdate_seq`.
     UpToDate {
         volume: String,
         node: NodeId,
         by: NodeId,
         expect: Epoch,
+        #[serde(default)]
+        seen_outdate_seq: u64,
     },
     /// An operator asks to move `volume` to `to` (or to the other replica).
     RequestSwitchover { volume: String, to: Option<NodeId> },
@@ -234,7 +241,8 @@ impl ClusterState {
                 node,
                 by,
                 expect,
-            } => self.up_to_date(volume, *node, *by, *expect),
+                seen_outdate_seq,
+            } => self.up_to_date(volume, *node, *by, *expect, *seen_outdate_seq),
             Command::RequestSwitchover { volume, to } => self.request_switchover(volume, *to),
         };
         debug_assert!(
@@ -389,6 +397,7 @@ impl ClusterState {
         for replica in volume.replicas.clone() {
             if replica != node && !self.members.get(&replica).is_some_and(|m| m.up) {
                 volume.outdated.insert(replica);
+                volume.outdate_seq += 1;
             }
         }
         Outcome::Applied
@@ -437,10 +446,18 @@ impl ClusterState {
             return reject(format!("node {victim} is not a peer replica of {name}"));
         }
         volume.outdated.insert(victim);
+        volume.outdate_seq += 1;
         Outcome::Applied
     }
 
-    fn up_to_date(&mut self, name: &str, node: NodeId, by: NodeId, expect: Epoch) -> Outcome {
+    fn up_to_date(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        by: NodeId,
+        expect: Epoch,
+        seen_outdate_seq: u64,
+    ) -> Outcome {
         let Some(volume) = self.volumes.get_mut(name) else {
             return reject(format!("unknown volume {name}"));
         };
@@ -451,6 +468,12 @@ impl ClusterState {
         }
         if !volume.replicas.contains(&node) {
             return reject(format!("node {node} holds no replica of {name}"));
+        }
+        if volume.outdate_seq != seen_outdate_seq {
+            return reject(format!(
+                "a replica of {name} was outdated again (#{}) after the resync seen at #{seen_outdate_seq}",
+                volume.outdate_seq
+            ));
         }
         volume.outdated.remove(&node);
         Outcome::Applied
@@ -695,11 +718,24 @@ mod tests {
         });
         let e = epoch(&s);
         assert!(
+            !s.apply(&Command::UpToDate {
+                volume: "vol0".into(),
+                node: B,
+                by: A,
+                expect: e,
+                seen_outdate_seq: 0,
+            })
+            .is_applied(),
+            "a resync seen before the last outdating must not clear it"
+        );
+        let seq = s.volumes["vol0"].outdate_seq;
+        assert!(
             s.apply(&Command::UpToDate {
                 volume: "vol0".into(),
                 node: B,
                 by: A,
-                expect: e
+                expect: e,
+                seen_outdate_seq: seq,
             })
             .is_applied()
         );
@@ -815,6 +851,7 @@ mod tests {
             node: B,
             by: A,
             expect: e,
+            seen_outdate_seq: s.volumes["vol0"].outdate_seq,
         });
         assert!(
             s.apply(&Command::RequestSwitchover {

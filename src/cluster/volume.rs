@@ -40,8 +40,12 @@ pub trait OutdatePeer: Send + Sync {
 
 /// A local replica as the cluster sees it.
 pub trait VolumeDriver: Send + Sync {
-    /// Current state, for heartbeats and decisions.
+    /// Current state, for heartbeats (may be a little old).
     fn report(&self) -> ReplicaReport;
+    /// Current state read now, for decisions that must not rest on an old snapshot.
+    fn fresh_report(&self) -> BoxFuture<'_, ReplicaReport> {
+        Box::pin(async move { self.report() })
+    }
     /// Carries out an action; `Err` explains why it could not.
     fn apply(&self, action: VolumeAction) -> BoxFuture<'_, Result<(), String>>;
     /// Operator split-brain resolution: throw away this replica's changes and resync.

@@ -109,6 +109,10 @@ pub enum Admin {
     SetEpoch(Epoch),
     /// The cluster recorded this (secondary) disk as outdated.
     Outdate,
+    /// The cluster says this primary must stop at once (no quorum, or deposed): fail the
+    /// writes in flight (none was acknowledged) and become an Outdated secondary, as when
+    /// fenced by a newer epoch.
+    StepDown,
     StartVerify,
     SetResyncRate {
         max_bytes_per_sec: u64,
@@ -2470,6 +2474,11 @@ impl Replica {
         match cmd {
             Admin::Promote { force } => self.promote(force, out),
             Admin::Demote => self.demote(out),
+            Admin::StepDown => {
+                if self.role == Role::Primary {
+                    self.fenced(out);
+                }
+            }
             Admin::Connect => {
                 self.want_connect = true;
                 if self.conn == ConnState::StandAlone {

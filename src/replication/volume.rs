@@ -260,6 +260,12 @@ impl Volume {
     pub async fn demote(&self) -> Result<()> {
         self.admin(Admin::Demote).await
     }
+    /// Stops being primary at once: writes in flight fail (none was acknowledged) and the
+    /// disk becomes Outdated, as when fenced. For the cluster when a primary loses quorum
+    /// or learns it was replaced.
+    pub async fn step_down(&self) -> Result<()> {
+        self.admin(Admin::StepDown).await
+    }
     /// Starts connecting to the peer.
     pub async fn connect(&self) -> Result<()> {
         self.admin(Admin::Connect).await

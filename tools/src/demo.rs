@@ -191,8 +191,13 @@ impl DemoCluster {
                 return Ok(primary.clone());
             }
             if Instant::now() > deadline {
+                let seen = self
+                    .any_status(None)
+                    .and_then(|s| s.volumes.into_iter().find(|v| v.name == VOLUME))
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_else(|| "no status".into());
                 bail!(
-                    "the cluster did not become healthy within {timeout:?}; logs are in {}",
+                    "the cluster did not become healthy within {timeout:?} (last seen: {seen}); logs are in {}",
                     self.dir.display()
                 );
             }
