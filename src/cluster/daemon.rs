@@ -44,10 +44,16 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         mut drivers,
         latency,
     } = options;
+    let volumes_for_metrics: Arc<std::sync::Mutex<Vec<super::replica::ClusterVolume>>> =
+        Arc::default();
     let fencer = ReservationFencer::from_config(&config, &name).map(Arc::new);
+    let latency = latency.or_else(|| Some(volume_latency(Arc::clone(&volumes_for_metrics))));
     // Volumes first (the node needs their drivers); they reach the node through `slot`.
     let slot: super::replica::NodeSlot = Arc::default();
     let replicated = super::replica::start_volumes(&config, &name, &slot).await?;
+    *volumes_for_metrics
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = replicated.clone();
     for volume in &replicated {
         drivers.insert(volume.volume().name().to_owned(), Arc::new(volume.clone()));
     }
@@ -214,4 +220,28 @@ async fn start_frontends(
         }
     }
     Ok(frontends)
+}
+
+/// The write-latency histograms of this node's replicated volumes, for the metrics page.
+fn volume_latency(
+    volumes: Arc<std::sync::Mutex<Vec<super::replica::ClusterVolume>>>,
+) -> LatencySource {
+    Arc::new(move || {
+        volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|v| {
+                let s = v.volume().write_latency();
+                (
+                    v.volume().name().to_owned(),
+                    LatencyHistogram {
+                        buckets: s.buckets,
+                        sum_seconds: s.sum_seconds,
+                        count: s.count,
+                    },
+                )
+            })
+            .collect()
+    })
 }

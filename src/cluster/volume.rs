@@ -73,6 +73,15 @@ impl MemoryDriver {
         }
     }
 
+    /// Models the replica seeing its peer finish a resync (a PeerDisk→UpToDate
+    /// transition, the evidence a primary needs before it clears its peer's Outdated).
+    pub fn peer_resynced(&self) {
+        self.update(|r| {
+            r.peer_disk = DiskState::UpToDate;
+            r.peer_uptodate_events += 1;
+        });
+    }
+
     /// Changes the modelled state (tests).
     pub fn update(&self, f: impl FnOnce(&mut ReplicaReport)) {
         f(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));

@@ -14,6 +14,7 @@
 pub mod control;
 pub mod core;
 pub mod decide;
+pub mod latency;
 mod shell;
 pub mod transport;
 pub mod types;

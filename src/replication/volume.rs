@@ -155,6 +155,8 @@ pub struct Volume {
     pub(super) events: broadcast::Sender<VolumeEvent>,
     pub(super) size_bytes: u64,
     pub(super) block_bytes: u64,
+    /// Latency of acknowledged application writes.
+    pub(super) write_latency: Arc<super::latency::LatencyHistogram>,
 }
 
 impl Volume {
@@ -218,7 +220,15 @@ impl Volume {
 
     /// Writes `data` at `offset`; `fua` = durable on both nodes before completion.
     pub async fn write(&self, offset: u64, data: DataBuf, fua: bool) -> Result<()> {
-        self.app(AppOp::Write { offset, data, fua }).await.map(drop)
+        let started = std::time::Instant::now();
+        self.app(AppOp::Write { offset, data, fua }).await?;
+        self.write_latency.record(started.elapsed());
+        Ok(())
+    }
+
+    /// Latency of the writes acknowledged so far.
+    pub fn write_latency(&self) -> super::latency::LatencySnapshot {
+        self.write_latency.snapshot()
     }
 
     /// Makes every completed write durable on both nodes.

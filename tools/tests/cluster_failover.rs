@@ -12,6 +12,17 @@ fn cluster(test: &str, offset: u16) -> DemoCluster {
     DemoCluster::start_with_port_offset(&dir, &tandemd, offset).expect("cluster starts")
 }
 
+fn scrape(address: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut page = String::new();
+    stream.read_to_string(&mut page).expect("response");
+    page
+}
+
 fn primary_of(cluster: &DemoCluster) -> Option<String> {
     cluster
         .any_status(None)?
@@ -82,6 +93,16 @@ fn losing_the_witness_does_not_interrupt_the_data() {
     let status = c.status(&primary).unwrap();
     assert!(status.quorate, "two of three nodes are a majority");
     assert_eq!(status.failovers, 0);
+    // The primary's Prometheus endpoint counts the acknowledged writes' latency.
+    let metrics_address = c.config.node_by_name(&primary).unwrap().metrics.unwrap();
+    let page = scrape(metrics_address);
+    let count_line = page
+        .lines()
+        .find(|l| l.starts_with("tandem_write_latency_seconds_count{"))
+        .unwrap_or_else(|| panic!("no write latency histogram in:\n{page}"));
+    let counted: u64 = count_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(counted > 50, "{count_line}");
+    assert!(page.contains("tandem_quorate{"), "{page}");
     let log = workload.finish();
     assert_eq!(
         log.writes_failed, 0,
