@@ -374,6 +374,25 @@ pub struct AppliedEntry {
     pub outcome: Outcome,
 }
 
+impl MachineInner {
+    /// Makes `stored` the current snapshot, on disk first (atomically) when persistent.
+    fn keep_snapshot(&mut self, stored: StoredSnapshot) -> StorageResult<()> {
+        if let Some(dir) = &self.dir {
+            let bytes = serde_json::to_vec(&stored).map_err(|e| {
+                io_error(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    std::io::Error::other(e),
+                )
+            })?;
+            write_atomic(&dir.join("snapshot.json"), &bytes)
+                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        }
+        self.snapshot = Some(stored);
+        Ok(())
+    }
+}
+
 /// The state machine: applies committed proposals to [`ClusterState`] and publishes every
 /// new state on a watch channel the node's shell follows.
 #[derive(Debug, Clone)]
@@ -465,18 +484,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: data.clone(),
         };
-        if let Some(dir) = &inner.dir {
-            let bytes = serde_json::to_vec(&stored).map_err(|e| {
-                io_error(
-                    ErrorSubject::StateMachine,
-                    ErrorVerb::Write,
-                    std::io::Error::other(e),
-                )
-            })?;
-            write_atomic(&dir.join("snapshot.json"), &bytes)
-                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        }
-        inner.snapshot = Some(stored);
+        inner.keep_snapshot(stored)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -558,18 +566,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        if let Some(dir) = &inner.dir {
-            let bytes = serde_json::to_vec(&stored).map_err(|e| {
-                io_error(
-                    ErrorSubject::StateMachine,
-                    ErrorVerb::Write,
-                    std::io::Error::other(e),
-                )
-            })?;
-            write_atomic(&dir.join("snapshot.json"), &bytes)
-                .map_err(|e| io_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        }
-        inner.snapshot = Some(stored);
+        inner.keep_snapshot(stored)?;
         let state = Arc::new(inner.state.clone());
         inner.publish.send_replace(state);
         Ok(())
