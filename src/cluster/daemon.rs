@@ -83,18 +83,42 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
     }
     let _exports = start_frontends(&config_copy, &name, &replicated).await?;
     // The self-check: if our key disappears from a shared device we were fenced — stop
-    // writing there at once, before anything else.
-    let mut self_checks = Vec::new();
+    // writing there at once, before anything else. It watches the current life's key:
+    // when the node rejoins as a new incarnation, the check moves to the new key.
+    let self_checks: Arc<std::sync::Mutex<Vec<tandem_fence::policy::SelfCheckTask>>> =
+        Arc::default();
     if let Some(fencer) = &fencer {
         let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let lost = Arc::new(move |volume: &str| {
+        let lost: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |volume: &str| {
             let _ = lost_tx.send(volume.to_owned());
         });
-        self_checks = fencer.self_check(node.incarnation(), self_check_period, lost);
+        *self_checks.lock().unwrap_or_else(|e| e.into_inner()) =
+            fencer.self_check(node.incarnation(), self_check_period, Arc::clone(&lost));
         let fenced_node = node.clone();
         tokio::spawn(async move {
             while let Some(volume) = lost_rx.recv().await {
                 fenced_node.lost_reservation(&volume).await;
+            }
+        });
+        let (checks, fencer, watched) =
+            (Arc::clone(&self_checks), Arc::clone(fencer), node.clone());
+        tokio::spawn(async move {
+            let mut incarnation = watched.incarnation();
+            loop {
+                tokio::time::sleep(self_check_period).await;
+                if watched.incarnation() == incarnation {
+                    continue;
+                }
+                incarnation = watched.incarnation();
+                let fresh = fencer.self_check(incarnation, self_check_period, Arc::clone(&lost));
+                let old = std::mem::replace(
+                    &mut *checks.lock().unwrap_or_else(|e| e.into_inner()),
+                    fresh,
+                );
+                tokio::task::spawn_blocking(move || {
+                    old.into_iter()
+                        .for_each(tandem_fence::policy::SelfCheckTask::stop)
+                });
             }
         });
     }
@@ -162,7 +186,8 @@ pub async fn run(options: DaemonOptions) -> Result<(), NodeError> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
     notify(&[sd_notify::NotifyState::Stopping]);
-    for task in self_checks {
+    let checks = std::mem::take(&mut *self_checks.lock().unwrap_or_else(|e| e.into_inner()));
+    for task in checks {
         task.stop();
     }
     node.shutdown().await;
