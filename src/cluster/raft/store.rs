@@ -376,6 +376,8 @@ pub struct AppliedEntry {
 
 impl MachineInner {
     /// Makes `stored` the current snapshot, on disk first (atomically) when persistent.
+    // openraft's traits dictate the (large) error type.
+    #[allow(clippy::result_large_err)]
     fn keep_snapshot(&mut self, stored: StoredSnapshot) -> StorageResult<()> {
         if let Some(dir) = &self.dir {
             let bytes = serde_json::to_vec(&stored).map_err(|e| {
