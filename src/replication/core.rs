@@ -22,7 +22,8 @@
 //! local write completed (`LocalDone`) and the peer acknowledged its own (`WriteAck`).
 //! A write that cannot reach the peer completes only once the peer has been recorded as
 //! outdated (the fencing gate, see [`FencingPolicy`]) and a new data generation is
-//! durable; its blocks are marked in the dirty bitmap for the next resync.
+//! durable; its blocks are marked in the dirty bitmap for the next resync. If the peer
+//! comes back first, what waits for the gate is sent to it instead, and the gate closes.
 
 use super::decide::{Decision, SideInfo, decide};
 use super::types::{
@@ -477,6 +478,7 @@ enum WriteKind {
 struct AppWriteState {
     offset: u64,
     len: u64,
+    kind: WriteKind,
     local: Stage,
     peer: PeerStage,
     seq: Option<u64>,
@@ -508,6 +510,8 @@ enum BlockedOp {
         len: u64,
         kind: WriteKind,
     },
+    /// A flush that arrived while application I/O was held (see `holds_app_io`).
+    Flush { req: ReqId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1154,7 +1158,7 @@ impl Replica {
         self.stats.app_writes += 1;
         self.stats.app_write_bytes += len;
         self.app_window_bytes += len;
-        if !self.blocked.is_empty() || self.write_conflicts(offset, len) {
+        if self.holds_app_io() || !self.blocked.is_empty() || self.write_conflicts(offset, len) {
             self.blocked.push_back(BlockedOp::Write {
                 req,
                 offset,
@@ -1164,6 +1168,18 @@ impl Replica {
             return;
         }
         self.start_write(req, offset, len, kind, out);
+    }
+
+    /// Is application I/O held back? A primary exchanging bitmaps with its peer (the
+    /// handshake decided that it is the sync source) can neither replicate a write yet nor
+    /// complete it alone: its peer is connected, so asking the cluster to outdate it is
+    /// wrong — and when the cluster could not answer (no leader), the write waited for a
+    /// fencing hook that is retried only while disconnected, the resync waited for the
+    /// write, and both hung for good. The exchange takes one round trip; the held requests
+    /// start once the resync runs (replicated, like every write during a resync) or once
+    /// the connection is lost (alone, behind the fencing gate).
+    fn holds_app_io(&self) -> bool {
+        self.role == Role::Primary && self.conn == ConnState::WfBitmap
     }
 
     /// Must this write wait: it overlaps a write whose local part is not done, a write
@@ -1212,6 +1228,7 @@ impl Replica {
         let mut state = AppWriteState {
             offset,
             len,
+            kind,
             local: if has_disk {
                 Stage::Pending
             } else {
@@ -1221,48 +1238,9 @@ impl Replica {
             seq: None,
         };
         if self.replicating() {
-            let seq = self.next_seq;
-            self.next_seq += 1;
+            let (seq, peer) = self.replicate(req, offset, len, kind, has_disk, out);
             state.seq = Some(seq);
-            self.by_seq.insert(seq, req);
-            self.unconfirmed.insert(
-                seq,
-                Unconfirmed {
-                    offset,
-                    len,
-                    barrier: self.barrier,
-                    al_pinned: has_disk,
-                },
-            );
-            if has_disk {
-                // A second reference, dropped when the peer confirms durability.
-                self.al.begin(offset, len);
-            }
-            self.epoch_writes += 1;
-            let msg = match kind {
-                WriteKind::Write { fua } => Msg::Data {
-                    seq,
-                    offset,
-                    len: u32::try_from(len).unwrap_or(u32::MAX),
-                    fua,
-                    barrier: self.barrier,
-                },
-                WriteKind::Trim { zeroes } => Msg::Trim {
-                    seq,
-                    offset,
-                    len,
-                    zeroes,
-                    barrier: self.barrier,
-                },
-            };
-            let data = matches!(kind, WriteKind::Write { .. }).then_some(DataRef::App(req));
-            self.stats.sent_data_bytes += len;
-            self.send(msg, data, out);
-            state.peer = if self.cfg.protocol == Protocol::A {
-                PeerStage::Done
-            } else {
-                PeerStage::Waiting
-            };
+            state.peer = peer;
         } else {
             self.bitmap.set_range(offset, len);
             self.need_alone(out);
@@ -1288,6 +1266,127 @@ impl Replica {
         self.try_complete_write(req, out);
     }
 
+    /// Sends write `req` to the peer under a new sequence number, kept in the transfer log
+    /// until the peer acknowledges its epoch; returns the number and what the write now
+    /// waits for.
+    fn replicate(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        pin_al: bool,
+        out: &mut Vec<Action>,
+    ) -> (u64, PeerStage) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_seq.insert(seq, req);
+        self.unconfirmed.insert(
+            seq,
+            Unconfirmed {
+                offset,
+                len,
+                barrier: self.barrier,
+                al_pinned: pin_al,
+            },
+        );
+        if pin_al {
+            // A second reference, dropped when the peer confirms durability.
+            self.al.begin(offset, len);
+        }
+        self.epoch_writes += 1;
+        let msg = match kind {
+            WriteKind::Write { fua } => Msg::Data {
+                seq,
+                offset,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                fua,
+                barrier: self.barrier,
+            },
+            WriteKind::Trim { zeroes } => Msg::Trim {
+                seq,
+                offset,
+                len,
+                zeroes,
+                barrier: self.barrier,
+            },
+        };
+        let data = matches!(kind, WriteKind::Write { .. }).then_some(DataRef::App(req));
+        self.stats.sent_data_bytes += len;
+        self.send(msg, data, out);
+        let peer = if self.cfg.protocol == Protocol::A {
+            PeerStage::Done
+        } else {
+            PeerStage::Waiting
+        };
+        (seq, peer)
+    }
+
+    /// The peer is connected again and takes writes (the handshake ended in `Connected` or
+    /// `SyncSource`): what still waits for the fencing gate goes to the peer instead, as
+    /// DRBD resends its transfer log when the connection returns while I/O is suspended
+    /// for fencing. Writes the peer never acknowledged are sent again (their blocks stay
+    /// marked for the resync until the peer acks them), flushes get a barrier after them,
+    /// and the gate closes. Waiting for the hook instead would be wrong twice over: while
+    /// connected a failed hook was never retried (the writes hung, and a resync with
+    /// them), and a late success would start a new data generation while the peer keeps
+    /// receiving writes — a peer labelled with the old generation yet holding newer
+    /// acknowledged writes, which a crash of this primary would then sync away.
+    fn resend_gate_waiters(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Primary || !self.replicating() {
+            return;
+        }
+        let lost: Vec<ReqId> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.peer == PeerStage::Lost)
+            .map(|(req, _)| *req)
+            .collect();
+        let pin_al = self.disk != DiskState::Diskless;
+        for req in &lost {
+            let Some(&AppWriteState {
+                offset,
+                len,
+                kind,
+                local,
+                ..
+            }) = self.writes.get(req)
+            else {
+                continue;
+            };
+            let (seq, peer) = self.replicate(
+                *req,
+                offset,
+                len,
+                kind,
+                pin_al && local != Stage::NotNeeded,
+                out,
+            );
+            if let Some(w) = self.writes.get_mut(req) {
+                w.seq = Some(seq);
+                w.peer = peer;
+            }
+        }
+        let flushes: Vec<ReqId> = self
+            .flushes
+            .iter()
+            .filter(|(_, f)| f.barrier.is_none() && !f.peer_done)
+            .map(|(req, _)| *req)
+            .collect();
+        if !flushes.is_empty() {
+            let number = self.send_barrier(out);
+            for req in &flushes {
+                if let Some(f) = self.flushes.get_mut(req) {
+                    f.barrier = Some(number);
+                }
+            }
+        }
+        self.close_gate(out);
+        for req in lost {
+            self.try_complete_write(req, out);
+        }
+    }
+
     /// Once connected and no write or flush waits for the fencing gate, close it: the
     /// next disconnect must fence again.
     fn gate_waiters(&self) -> bool {
@@ -1298,11 +1397,20 @@ impl Replica {
                 .any(|f| f.barrier.is_none() && !f.peer_done)
     }
 
-    fn maybe_close_gate(&mut self) {
+    fn maybe_close_gate(&mut self, out: &mut Vec<Action>) {
         if self.is_connected() && !self.gate_waiters() {
-            self.alone = AloneGate::Closed;
-            self.alone_generation_done = false;
+            self.close_gate(out);
         }
+    }
+
+    /// The peer is back and nothing waits for the fencing gate: the next disconnect must
+    /// fence (and start a generation) again.
+    fn close_gate(&mut self, out: &mut Vec<Action>) {
+        if self.is_suspended() {
+            out.push(Action::Notify(Notice::IoResumed));
+        }
+        self.alone = AloneGate::Closed;
+        self.alone_generation_done = false;
     }
 
     /// The write needs to complete without the peer: engage the fencing gate.
@@ -1406,36 +1514,53 @@ impl Replica {
             self.bitmap.clear_covered(w.offset, w.len);
         }
         out.push(Action::Complete { req, result });
-        self.maybe_close_gate();
+        self.maybe_close_gate(out);
         self.run_blocked(out);
     }
 
     fn run_blocked(&mut self, out: &mut Vec<Action>) {
-        while let Some(op) = self.blocked.front() {
-            let BlockedOp::Write {
-                req,
-                offset,
-                len,
-                kind,
-            } = *op;
-            if self.write_conflicts(offset, len) {
-                break;
-            }
-            self.blocked.pop_front();
-            if self.role != Role::Primary {
-                out.push(Action::Complete {
+        while !self.holds_app_io()
+            && let Some(op) = self.blocked.front()
+        {
+            match *op {
+                BlockedOp::Write {
                     req,
-                    result: Err(IoFailure::Refused("the volume was demoted".into())),
-                });
-                continue;
+                    offset,
+                    len,
+                    kind,
+                } => {
+                    if self.write_conflicts(offset, len) {
+                        break;
+                    }
+                    self.blocked.pop_front();
+                    if self.role != Role::Primary {
+                        out.push(Action::Complete {
+                            req,
+                            result: Err(IoFailure::Refused("the volume was demoted".into())),
+                        });
+                        continue;
+                    }
+                    self.start_write(req, offset, len, kind, out);
+                }
+                BlockedOp::Flush { req } => {
+                    self.blocked.pop_front();
+                    self.start_flush(req, out);
+                }
             }
-            self.start_write(req, offset, len, kind, out);
         }
         self.pump_resync(out);
     }
 
     fn on_app_flush(&mut self, req: ReqId, out: &mut Vec<Action>) {
         self.stats.app_flushes += 1;
+        if self.holds_app_io() {
+            self.blocked.push_back(BlockedOp::Flush { req });
+            return;
+        }
+        self.start_flush(req, out);
+    }
+
+    fn start_flush(&mut self, req: ReqId, out: &mut Vec<Action>) {
         let has_disk = self.disk != DiskState::Diskless;
         let mut state = FlushState {
             local: if has_disk {
@@ -1489,7 +1614,7 @@ impl Replica {
         };
         self.flushes.remove(&req);
         out.push(Action::Complete { req, result });
-        self.maybe_close_gate();
+        self.maybe_close_gate(out);
     }
 
     fn on_app_read(&mut self, req: ReqId, offset: u64, len: u64, out: &mut Vec<Action>) {
@@ -2076,7 +2201,8 @@ impl Replica {
                 result: Err(IoFailure::Refused("fenced".into())),
             });
         }
-        for BlockedOp::Write { req, .. } in std::mem::take(&mut self.blocked) {
+        for op in std::mem::take(&mut self.blocked) {
+            let (BlockedOp::Write { req, .. } | BlockedOp::Flush { req }) = op;
             out.push(Action::Complete {
                 req,
                 result: Err(IoFailure::Refused("fenced".into())),
@@ -2232,6 +2358,7 @@ impl Replica {
                     let blocks = Self::bitmap_blocks(&mut self.bitmap);
                     out.push(Action::PersistBitmap { blocks });
                 }
+                self.resend_gate_waiters(out);
             }
             Decision::Source { full } | Decision::Target { full } => {
                 let source = matches!(decision, Decision::Source { .. });
@@ -2263,11 +2390,11 @@ impl Replica {
 
     /// Common bookkeeping once the handshake accepted the peer.
     fn connected(&mut self, out: &mut Vec<Action>) {
-        // Writes issued while disconnected still need the gate they were waiting for;
-        // otherwise the next disconnect must fence (and start a generation) again.
+        // Writes issued while disconnected still need the gate they were waiting for until
+        // the peer takes them (`resend_gate_waiters`); otherwise the next disconnect must
+        // fence (and start a generation) again.
         if !self.gate_waiters() {
-            self.alone = AloneGate::Closed;
-            self.alone_generation_done = false;
+            self.close_gate(out);
         }
         self.next_seq = 1;
         self.barrier = 1;
@@ -2276,7 +2403,6 @@ impl Replica {
         if self.peer_disk == DiskState::Outdated || self.peer_disk == DiskState::DUnknown {
             // The peer told us its real state in its Hello.
         }
-        let _ = out;
     }
 
     fn send_bitmap(&mut self, out: &mut Vec<Action>) {
@@ -2705,6 +2831,8 @@ impl Replica {
     }
 }
 
+#[cfg(test)]
+mod liveness_tests;
 mod sync;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,10 @@
 //! everything: topology events, faults, latencies and the workload; `TANDEM_SEED=<n>`
 //! replays a failing run. After every step each core's `check_invariants()` runs, and the
 //! invariants in [`invariants`] are checked at crashes, promotions and at the end.
+//! Optional faults (off by default, so old seeds replay): the cluster failing to record
+//! an outdate for a while (no leader), a slow fencing hook, and failovers that depose the
+//! old primary with `StepDown` instead of telling it the new epoch. Liveness is checked
+//! by `heal`: once the link is stable every request completes and every resync finishes.
 //!
 //! ```text
 //!  workload ─► primary core ─► actions ─► disk (volatile ─flush─► stable)
@@ -201,6 +205,15 @@ pub struct SimConfig {
     /// Percent chance per step of a crash / a partition change.
     pub crash_percent: u64,
     pub partition_percent: u64,
+    /// Percent chance that the cluster cannot record an outdate even for the legitimate
+    /// primary (its log has no leader at that moment); the primary retries.
+    pub fence_fail_percent: u64,
+    /// The fencing hook answers after 1 to this many ms (a reconnect may come first).
+    pub fence_latency_ms: u64,
+    /// A failover deposes a reachable old primary with `StepDown` (it lost quorum and
+    /// stays at its old epoch until its peer tells it) half of the time, instead of
+    /// telling it the new epoch.
+    pub step_down: bool,
 }
 
 impl Default for SimConfig {
@@ -213,6 +226,9 @@ impl Default for SimConfig {
             checksum_resync: false,
             crash_percent: 1,
             partition_percent: 2,
+            fence_fail_percent: 0,
+            fence_latency_ms: 1,
+            step_down: false,
         }
     }
 }
@@ -231,6 +247,10 @@ pub struct SimReport {
     pub end_ms: u64,
     /// Runs whose end-of-run durability check ran (no double failure happened).
     pub fully_checked: u64,
+    /// Outdate requests of the legitimate primary the cluster could not record.
+    pub fence_failures: u64,
+    /// Failovers that deposed the old primary with `StepDown`.
+    pub step_downs: u64,
 }
 
 /// The simulated world.
@@ -547,8 +567,15 @@ impl Sim {
             Action::OutdatePeer => {
                 // The sim cluster: only the legitimate primary may outdate its peer.
                 let peer = 1 - node;
-                let ok = self.cluster_primary == Some(node)
+                // (The RNG is drawn only when the knobs ask for it: old seeds replay.)
+                let stalled =
+                    self.cfg.fence_fail_percent > 0 && self.rng.chance(self.cfg.fence_fail_percent);
+                let legitimate = self.cluster_primary == Some(node)
                     && self.nodes[node].core.md().epoch.0 == self.cluster_epoch;
+                if legitimate && stalled {
+                    self.report.fence_failures += 1;
+                }
+                let ok = legitimate && !stalled;
                 if ok {
                     // Recorded in the cluster: never promoted until it resynced.
                     self.nodes[peer].pending_outdate = true;
@@ -558,7 +585,12 @@ impl Sim {
                 }
                 // The hook answers asynchronously, after the current actions ran.
                 let incarnation = self.nodes[node].incarnation;
-                let at = self.now_ms + 1;
+                let at = self.now_ms
+                    + if self.cfg.fence_latency_ms > 1 {
+                        1 + self.rng.below(self.cfg.fence_latency_ms)
+                    } else {
+                        1
+                    };
                 self.schedule(
                     at,
                     SimEvent::FenceDone {
@@ -850,9 +882,15 @@ impl Sim {
         self.cluster_epoch += 1;
         self.cluster_primary = Some(new);
         let epoch = Epoch(self.cluster_epoch);
-        // The cluster fences the old primary first (it learns the epoch if reachable).
+        // The cluster fences the old primary first: it learns the epoch if reachable, or
+        // (quorum lost) it steps down and learns the epoch from its peer later.
         if self.nodes[old].up {
-            self.admin(old, Admin::SetEpoch(epoch));
+            if self.cfg.step_down && self.rng.chance(50) {
+                self.report.step_downs += 1;
+                self.admin(old, Admin::StepDown);
+            } else {
+                self.admin(old, Admin::SetEpoch(epoch));
+            }
         }
         self.admin(new, Admin::SetEpoch(epoch));
         self.admin(new, Admin::Promote { force: false });
@@ -1105,16 +1143,18 @@ impl Sim {
             }
         }
         Err(format!(
-            "seed {}: did not converge: node0 {:?}/{:?}/{:?} bits {}, node1 {:?}/{:?}/{:?} bits {}, pending app {:?}",
+            "seed {}: did not converge: node0 {:?}/{:?}/{:?} bits {} suspended {}, node1 {:?}/{:?}/{:?} bits {} suspended {}, pending app {:?}",
             self.report.seed,
             self.nodes[0].core.role(),
             self.nodes[0].core.conn(),
             self.nodes[0].core.disk(),
             self.nodes[0].core.bitmap().count(),
+            self.nodes[0].core.is_suspended(),
             self.nodes[1].core.role(),
             self.nodes[1].core.conn(),
             self.nodes[1].core.disk(),
             self.nodes[1].core.bitmap().count(),
+            self.nodes[1].core.is_suspended(),
             self.pending_app
         ))
     }

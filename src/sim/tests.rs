@@ -2,7 +2,7 @@
 
 use super::*;
 
-fn runs(base: u64, count: u64, cfg: &SimConfig) {
+fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     if std::env::var("TANDEM_SIM_TRACE").is_ok() {
         let _ = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
@@ -35,6 +35,8 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) {
         total.partitions += report.partitions;
         total.flushes += report.flushes;
         total.fully_checked += report.fully_checked;
+        total.fence_failures += report.fence_failures;
+        total.step_downs += report.step_downs;
         runs_done += 1;
     }
     // With protocol C most runs must get the full acknowledged-write check (not only
@@ -48,12 +50,13 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) {
     assert!(total.acked_writes > 100, "{total:?}");
     assert!(total.flushes > 10, "{total:?}");
     eprintln!("{total:?}");
+    total
 }
 
 #[test]
 fn protocol_c_keeps_every_acknowledged_write_through_crashes_and_partitions() {
     let cfg = SimConfig::default();
-    runs(1000, 24, &cfg);
+    let _ = runs(1000, 24, &cfg);
 }
 
 #[test]
@@ -62,7 +65,7 @@ fn checksum_resync_converges_too() {
         checksum_resync: true,
         ..SimConfig::default()
     };
-    runs(5000, 8, &cfg);
+    let _ = runs(5000, 8, &cfg);
 }
 
 #[test]
@@ -74,7 +77,7 @@ fn protocols_a_and_b_converge() {
             protocol,
             ..SimConfig::default()
         };
-        runs(9000, 6, &cfg);
+        let _ = runs(9000, 6, &cfg);
     }
 }
 
@@ -100,6 +103,29 @@ fn failovers_crashes_and_resyncs_happen_in_the_runs() {
         crashes > 5 && failovers > 1 && resyncs > 5,
         "crashes {crashes} failovers {failovers} resyncs {resyncs}"
     );
+}
+
+#[test]
+fn writes_during_resyncs_complete_while_the_cluster_cannot_fence() {
+    // The partition test's stall: after a failover (the old primary stepped down), the
+    // new primary reconnects and writes while the cluster log cannot record an outdate
+    // (no leader). Every write must still complete once the link is stable, and every
+    // resync finish (`heal` fails the run otherwise).
+    let cfg = SimConfig {
+        fence_fail_percent: 40,
+        fence_latency_ms: 30,
+        step_down: true,
+        partition_percent: 4,
+        ..SimConfig::default()
+    };
+    let total = runs(30_000, 24, &cfg);
+    // Unless one seed is replayed, the runs must have hit what they are about.
+    if std::env::var("TANDEM_SEED").is_err() {
+        assert!(
+            total.fence_failures > 10 && total.step_downs > 2 && total.resyncs > 10,
+            "{total:?}"
+        );
+    }
 }
 
 #[test]

@@ -247,6 +247,10 @@ impl Replica {
                     state: DiskState::Inconsistent,
                 }));
                 self.begin_resync(true, full, out);
+                // What waited for the fencing gate, then the application I/O held during
+                // the exchange, go to the peer now.
+                self.resend_gate_waiters(out);
+                self.run_blocked(out);
             }
             Decision::Target { full } => {
                 self.handshake = Some(Handshake::AwaitSyncStart { full });

@@ -1,0 +1,406 @@
+//! Liveness of the core around a reconnect: every application write completes and every
+//! resync finishes once the link is stable, whatever the fencing hook answers meanwhile.
+//!
+//! A two-node harness delivers the cores' messages in order, completes local I/O at once
+//! and lets each test decide when events happen, so the interleavings the multi-process
+//! cluster test hit only under load are replayed exactly.
+
+use super::*;
+use crate::replication::types::GenerationIds;
+
+const SIZE: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+
+fn persisted(current: u64) -> Persisted {
+    Persisted {
+        md: MdState {
+            generations: GenerationIds {
+                current,
+                ..Default::default()
+            },
+            flags: MdFlags {
+                consistent: true,
+                ..Default::default()
+            },
+            epoch: Epoch(1),
+            primary_since_ms: 0,
+        },
+        bitmap: Bitmap::new(SIZE, 4096),
+        al_extents: vec![],
+        al_extent_bytes: 1 << 20,
+        al_capacity: 8,
+        diskless: false,
+    }
+}
+
+/// Two replicas (0 and 1) with the fencing policy of the reference cluster.
+struct Pair {
+    r: [Replica; 2],
+    link_up: bool,
+    /// Messages on the way to node `i`, in order.
+    net: [VecDeque<Event>; 2],
+    /// Local I/O of node `i` that completes when delivered.
+    disk: [VecDeque<Event>; 2],
+    /// Completed application requests: (node, request, ok).
+    completed: Vec<(usize, ReqId, bool)>,
+    /// Unanswered `OutdatePeer` actions per node.
+    fence_asked: [usize; 2],
+    notices: [Vec<Notice>; 2],
+    next_payload: u64,
+    now_ms: u64,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let replica = |node: u32| {
+            let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(node), SIZE);
+            cfg.block_bytes = BLOCK;
+            cfg.fencing = FencingPolicy::ResourceAndStonith;
+            Replica::new(cfg, persisted(7), u64::from(node)).0
+        };
+        let mut p = Self {
+            r: [replica(1), replica(2)],
+            link_up: false,
+            net: Default::default(),
+            disk: Default::default(),
+            completed: Vec::new(),
+            fence_asked: [0; 2],
+            notices: Default::default(),
+            next_payload: 1,
+            now_ms: 0,
+        };
+        p.step(0, Event::Admin(Admin::Connect));
+        p.step(1, Event::Admin(Admin::Connect));
+        p.link_up();
+        p.settle();
+        p.step(0, Event::Admin(Admin::Promote { force: false }));
+        p.settle();
+        assert_eq!(p.r[0].role(), Role::Primary);
+        assert_eq!(p.r[0].conn(), ConnState::Connected);
+        assert_eq!(p.r[1].peer_role, Some(Role::Primary));
+        p
+    }
+
+    fn step(&mut self, node: usize, event: Event) {
+        let actions = self.r[node].step(event);
+        self.run(node, actions);
+        self.r[node].check_invariants().unwrap();
+    }
+
+    fn run(&mut self, node: usize, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { msg, data } => {
+                    let payload_len = match &msg {
+                        Msg::Data { len, .. } | Msg::ResyncData { len, .. } => u64::from(*len),
+                        _ => 0,
+                    };
+                    let payload = data.map(|_| {
+                        self.next_payload += 1;
+                        self.next_payload
+                    });
+                    self.send(node, msg, payload, payload_len, vec![]);
+                }
+                Action::SendBytes { msg, bytes } => {
+                    let len = u64::try_from(bytes.len()).unwrap();
+                    self.send(node, msg, None, len, bytes);
+                }
+                Action::LocalWrite { tag, .. }
+                | Action::LocalTrim { tag, .. }
+                | Action::LocalFlush { tag } => self.disk[node].push_back(Event::LocalDone {
+                    tag,
+                    result: Ok(()),
+                    digest: None,
+                }),
+                Action::LocalRead { tag, digest, .. } => {
+                    self.disk[node].push_back(Event::LocalDone {
+                        tag,
+                        result: Ok(()),
+                        digest: digest.then_some(0),
+                    });
+                }
+                Action::Complete { req, result } => {
+                    self.completed.push((node, req, result.is_ok()));
+                }
+                Action::OutdatePeer => self.fence_asked[node] += 1,
+                Action::Disconnect { .. } => self.link_down(Some(node)),
+                Action::Notify(n) => self.notices[node].push(n),
+                _ => {}
+            }
+        }
+    }
+
+    fn send(&mut self, from: usize, msg: Msg, payload: Option<u64>, len: u64, inline: Vec<u8>) {
+        if self.link_up {
+            self.net[1 - from].push_back(Event::PeerMsg {
+                msg,
+                payload,
+                payload_len: len,
+                inline,
+            });
+        }
+    }
+
+    fn link_up(&mut self) {
+        self.link_up = true;
+        self.step(0, Event::TransportUp);
+        self.step(1, Event::TransportUp);
+    }
+
+    /// The link breaks; `initiator` already knows.
+    fn link_down(&mut self, initiator: Option<usize>) {
+        if !self.link_up {
+            return;
+        }
+        self.link_up = false;
+        self.net = Default::default();
+        for node in 0..2 {
+            if Some(node) != initiator {
+                self.step(
+                    node,
+                    Event::TransportDown {
+                        reason: "cut".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Delivers the next message for `node`; false if none is queued.
+    fn deliver(&mut self, node: usize) -> bool {
+        match self.net[node].pop_front() {
+            Some(ev) => {
+                self.step(node, ev);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Completes all local I/O of `node` queued so far (and what that queues).
+    fn complete_io(&mut self, node: usize) {
+        while let Some(ev) = self.disk[node].pop_front() {
+            self.step(node, ev);
+        }
+    }
+
+    /// Runs until no message and no local I/O is left.
+    fn settle(&mut self) {
+        loop {
+            let mut busy = false;
+            for node in 0..2 {
+                if let Some(ev) = self.disk[node].pop_front() {
+                    self.step(node, ev);
+                    busy = true;
+                }
+                busy |= self.deliver(node);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    /// Answers every `OutdatePeer` node 0 asked for.
+    fn answer_fence(&mut self, ok: bool) {
+        while self.fence_asked[0] > 0 {
+            self.fence_asked[0] -= 1;
+            let detail = if ok {
+                "peer outdated"
+            } else {
+                "proposal failed: has to forward request to: None, None"
+            };
+            self.step(
+                0,
+                Event::OutdatePeerDone {
+                    ok,
+                    detail: detail.into(),
+                },
+            );
+        }
+    }
+
+    /// Lets `ms` of time pass in 100 ms ticks, with the network and disks running and
+    /// the fencing hook answering `fence_ok`.
+    fn run_for(&mut self, ms: u64, fence_ok: bool) {
+        let end = self.now_ms + ms;
+        while self.now_ms < end {
+            self.now_ms += 100;
+            for node in 0..2 {
+                self.step(
+                    node,
+                    Event::Tick {
+                        now_ms: self.now_ms,
+                    },
+                );
+            }
+            self.settle();
+            self.answer_fence(fence_ok);
+            self.settle();
+        }
+    }
+
+    fn write(&mut self, req: u64, block: u64) -> ReqId {
+        let req = ReqId(req);
+        self.step(
+            0,
+            Event::AppWrite {
+                req,
+                offset: block * BLOCK,
+                len: BLOCK,
+                fua: true,
+            },
+        );
+        req
+    }
+
+    fn result_of(&self, req: ReqId) -> Option<bool> {
+        self.completed
+            .iter()
+            .find(|(node, r, _)| *node == 0 && *r == req)
+            .map(|(_, _, ok)| *ok)
+    }
+
+    /// Partition: node 0 fences its peer through the hook and writes `blocks` alone.
+    fn write_alone(&mut self, blocks: &[u64]) {
+        self.link_down(None);
+        assert_eq!(self.fence_asked[0], 1, "the primary fences at disconnect");
+        self.answer_fence(true);
+        // The cluster recorded the secondary as outdated.
+        self.step(1, Event::Admin(Admin::Outdate));
+        assert_eq!(self.r[1].disk(), DiskState::Outdated);
+        for (i, block) in blocks.iter().enumerate() {
+            let req = self.write(100 + u64::try_from(i).unwrap(), *block);
+            self.complete_io(0);
+            assert_eq!(self.result_of(req), Some(true), "a write alone completes");
+        }
+        assert!(self.r[0].bitmap().count() >= u64::try_from(blocks.len()).unwrap());
+    }
+
+    /// Both sides settled, in sync, nothing waiting.
+    fn assert_in_sync(&self) {
+        for node in 0..2 {
+            assert_eq!(self.r[node].conn(), ConnState::Connected, "node {node}");
+            assert_eq!(self.r[node].disk(), DiskState::UpToDate, "node {node}");
+            assert_eq!(self.r[node].bitmap().count(), 0, "node {node}");
+        }
+        assert!(!self.r[0].is_suspended());
+        assert_eq!(self.r[0].status().writes_in_flight, 0);
+    }
+}
+
+/// The stall seen in the partition test: the primary (a promoted survivor that wrote
+/// alone) reconnects to its outdated peer, and an application write arrives while the
+/// bitmaps are being exchanged. The write must neither engage the fencing hook (the peer
+/// is connected and about to become the sync target) nor wait for it; it must complete,
+/// and the resync must finish — even when the hook would fail (the cluster log had no
+/// leader at that moment).
+#[test]
+fn a_write_during_the_bitmap_exchange_completes_and_the_resync_finishes() {
+    let mut p = Pair::new();
+    // The region the resync will carry: the first 64 blocks (one resync request each
+    // 256 KiB) and a few beyond.
+    let alone: Vec<u64> = (0..64).chain([100, 200]).collect();
+    p.write_alone(&alone);
+
+    // The link comes back: Hellos cross, both sides decide (node 0 is the sync source)
+    // and send their bitmaps.
+    p.link_up();
+    assert!(p.deliver(0) && p.deliver(1), "Hellos");
+    assert_eq!(p.r[0].conn(), ConnState::WfBitmap);
+    assert_eq!(p.r[1].conn(), ConnState::WfBitmap);
+
+    // The write arrives now, to a block the resync must carry.
+    let req = p.write(1, 3);
+    p.complete_io(0);
+    assert_eq!(
+        p.fence_asked[0], 0,
+        "a write during the bitmap exchange asked the cluster to outdate a connected peer"
+    );
+    // (Were it asked, the cluster log might have no leader right now.)
+    p.answer_fence(false);
+
+    p.settle();
+    p.run_for(5_000, false);
+    assert_eq!(p.result_of(req), Some(true), "the write never completed");
+    assert!(
+        p.notices[0]
+            .iter()
+            .any(|n| matches!(n, Notice::SyncFinished { source: true, .. }))
+    );
+    p.assert_in_sync();
+}
+
+/// A write the peer never acknowledged waits for the fencing hook at the disconnect; the
+/// link comes back before the hook answered. The write goes to the peer over the new
+/// connection and completes without the hook, the resync does not wait for the hook, and
+/// the hook's late answer starts no new data generation (the peer receives the writes;
+/// a generation it is not labelled with would make a crash of this primary sync its
+/// possibly stale blocks over the peer's acknowledged ones).
+#[test]
+fn a_write_waiting_for_the_fencing_hook_goes_to_the_reconnected_peer() {
+    let mut p = Pair::new();
+    // A replicated write whose Data is lost with the link.
+    let req = p.write(2, 5);
+    p.complete_io(0);
+    p.link_down(None);
+    assert_eq!(p.fence_asked[0], 1, "the primary fences at disconnect");
+    assert!(p.r[0].is_suspended());
+    assert_eq!(p.result_of(req), None);
+
+    // The link is back before the hook answered (the cluster log is electing a leader).
+    p.link_up();
+    p.settle();
+    assert_eq!(p.result_of(req), Some(true), "the write waits for the hook");
+    assert!(!p.r[0].is_suspended());
+    assert!(
+        p.notices[0]
+            .iter()
+            .any(|n| matches!(n, Notice::SyncFinished { source: true, .. })),
+        "the resync stalled"
+    );
+
+    // The late answer changes nothing, whatever it says.
+    let generations = p.r[0].md().generations;
+    p.answer_fence(true);
+    assert_eq!(p.r[0].md().generations, generations);
+    p.run_for(2_000, false);
+    p.assert_in_sync();
+    assert_eq!(
+        p.fence_asked[0], 0,
+        "the hook was asked again while connected"
+    );
+    assert_eq!(p.r[0].md().generations, p.r[1].md().generations);
+
+    // The next disconnect fences again, and a write alone starts a new generation.
+    p.link_down(None);
+    assert_eq!(p.fence_asked[0], 1);
+    p.answer_fence(true);
+    assert_ne!(p.r[0].md().generations.current, generations.current);
+}
+
+/// A flush issued while disconnected waits for the fencing hook; the peer comes back with
+/// nothing to resync. The flush completes through a barrier on the new connection.
+#[test]
+fn a_flush_waiting_for_the_fencing_hook_completes_through_the_reconnected_peer() {
+    let mut p = Pair::new();
+    p.link_down(None);
+    assert_eq!(p.fence_asked[0], 1);
+    let req = ReqId(9);
+    p.step(0, Event::AppFlush { req });
+    p.complete_io(0);
+    assert_eq!(
+        p.result_of(req),
+        None,
+        "flushed without the peer or the hook"
+    );
+
+    p.link_up();
+    p.settle();
+    assert_eq!(p.r[0].conn(), ConnState::Connected);
+    assert_eq!(p.result_of(req), Some(true), "the flush waits for the hook");
+    p.answer_fence(false);
+    p.run_for(2_000, false);
+    p.assert_in_sync();
+    assert_eq!(p.fence_asked[0], 0);
+}
