@@ -443,6 +443,11 @@ impl Node {
                     .await
                 {
                     Ok(RaftReply::Propose(Ok(outcome))) => Ok(outcome),
+                    // The node we took for the leader lost leadership meanwhile: an
+                    // election is running, so this is worth retrying.
+                    Ok(RaftReply::Propose(Err(e))) if e.contains("forward request") => {
+                        Err(NodeError::NoLeader)
+                    }
                     Ok(RaftReply::Propose(Err(e))) => Err(NodeError::Propose(e)),
                     Ok(_) => Err(NodeError::Propose("leader answered a different RPC".into())),
                     Err(e) => Err(NodeError::Propose(e.to_string())),
