@@ -27,7 +27,7 @@ use openraft::BasicNode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -141,6 +141,12 @@ impl std::fmt::Debug for Node {
             )
             .finish()
     }
+}
+
+/// Locks `mutex`, recovering the data from a poisoned lock (a panicked holder cannot
+/// leave these maps half-updated in a way that matters more than stopping the node).
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn wall_ms() -> u64 {
@@ -355,11 +361,7 @@ impl Node {
     /// replication, the DLM). Returns the receiving end.
     pub fn accept_channel(&self, channel: Channel) -> mpsc::Receiver<Accepted> {
         let (tx, rx) = mpsc::channel(16);
-        self.inner
-            .acceptors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(channel, tx);
+        locked(&self.inner.acceptors).insert(channel, tx);
         rx
     }
 
@@ -397,11 +399,7 @@ impl Node {
     /// Whether this node hears a majority now.
     pub fn is_quorate(&self) -> bool {
         let now = self.now();
-        self.inner
-            .detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .quorate(now)
+        locked(&self.inner.detector).quorate(now)
     }
 
     /// Proposes a command to the cluster log (through the leader) and returns its outcome.
@@ -494,13 +492,7 @@ impl Node {
                     serve_inbound(stream, peer, Arc::new(node), stop).await;
                     return;
                 }
-                let acceptor = node
-                    .inner
-                    .acceptors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&channel)
-                    .cloned();
+                let acceptor = locked(&node.inner.acceptors).get(&channel).cloned();
                 match acceptor {
                     Some(tx) => {
                         let _ = tx.send((peer, stream)).await;
@@ -516,16 +508,8 @@ impl Node {
     /// The last report of every node still heard within the failure timeout (a silent
     /// node's last report is history, not state).
     fn fresh_peer_reports(&self) -> BTreeMap<NodeId, NodeReport> {
-        let alive = self
-            .inner
-            .detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .alive(self.now());
-        self.inner
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let alive = locked(&self.inner.detector).alive(self.now());
+        locked(&self.inner.reports)
             .iter()
             .filter(|(id, _)| alive.contains(id))
             .map(|(id, r)| (*id, r.clone()))
@@ -534,12 +518,7 @@ impl Node {
 
     /// This node's report: its replicas and their resources.
     fn report(&self) -> NodeReport {
-        let running = self
-            .inner
-            .resources_running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let running = locked(&self.inner.resources_running).clone();
         let volumes = self
             .inner
             .drivers
@@ -598,28 +577,16 @@ impl Node {
                 },
             );
         }
-        self.inner
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(self.inner.me, report);
+        locked(&self.inner.reports).insert(self.inner.me, report);
         let (alive, dead, quorate) = {
-            let d = self
-                .inner
-                .detector
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let d = locked(&self.inner.detector);
             (d.alive(now), d.dead(now), d.quorate(now))
         };
         for peer in alive.difference(last_alive) {
             self.event(EventKind::PeerAlive { peer: *peer });
         }
         for peer in last_alive.difference(&alive) {
-            let silence_ms = self
-                .inner
-                .detector
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            let silence_ms = locked(&self.inner.detector)
                 .silence_ms(*peer, now)
                 .unwrap_or(0);
             self.event(EventKind::PeerSilent {
@@ -716,12 +683,7 @@ impl Node {
         // the log's state is never older than it.
         let state = self.state();
         let mut replicas: BTreeMap<String, ReplicaReport> = BTreeMap::new();
-        let running = self
-            .inner
-            .resources_running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let running = locked(&self.inner.resources_running).clone();
         for (name, driver) in &self.inner.drivers {
             let mut report = driver.fresh_report().await;
             report.resources_running = running.contains(name);
@@ -739,18 +701,8 @@ impl Node {
             })
             .map(|v| v.name.clone())
             .collect();
-        let fencing = self
-            .inner
-            .fencing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let resynced = self
-            .inner
-            .evidence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .observe(&state, &replicas);
+        let fencing = locked(&self.inner.fencing).clone();
+        let resynced = locked(&self.inner.evidence).observe(&state, &replicas);
         let actions = orchestrator::local_actions(LocalView {
             me: self.inner.me,
             incarnation: self.incarnation(),
@@ -832,11 +784,7 @@ impl Node {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                self.inner
-                    .resources_running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(volume.clone());
+                locked(&self.inner.resources_running).insert(volume.clone());
                 Ok(())
             }
             LocalAction::StopResources { volume } => {
@@ -845,11 +793,7 @@ impl Node {
                     tokio::task::spawn_blocking(move || crate::resources::stop_all(&resources))
                         .await
                         .map_err(|e| e.to_string())?;
-                self.inner
-                    .resources_running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(volume);
+                locked(&self.inner.resources_running).remove(volume);
                 result.map_err(|e| e.to_string())
             }
             LocalAction::Rejoin => {
@@ -892,11 +836,7 @@ impl Node {
         incarnation: Incarnation,
         reservation: bool,
     ) -> Result<(), String> {
-        self.inner
-            .fencing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(volume.to_owned());
+        locked(&self.inner.fencing).insert(volume.to_owned());
         let result = async {
             let method = if reservation {
                 let fencer = self
@@ -936,11 +876,7 @@ impl Node {
             }
         }
         .await;
-        self.inner
-            .fencing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume);
+        locked(&self.inner.fencing).remove(volume);
         result
     }
 
@@ -950,19 +886,9 @@ impl Node {
         let state = self.state();
         let config = &self.inner.config;
         let leader = self.leader();
-        let detector = self
-            .inner
-            .detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let detector = locked(&self.inner.detector).clone();
         let alive = detector.alive(now);
-        let reports = self
-            .inner
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let reports = locked(&self.inner.reports).clone();
         let name_of = |id: NodeId| {
             config
                 .node(id)
@@ -1084,11 +1010,7 @@ impl Node {
     /// has counted `peer_uptodate_events` so far (evidence bookkeeping, see
     /// [`orchestrator::ResyncEvidence`]).
     pub fn note_outdating(&self, volume: &str, peer_uptodate_events: u64) {
-        self.inner
-            .evidence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .note_outdating(volume, peer_uptodate_events);
+        locked(&self.inner.evidence).note_outdating(volume, peer_uptodate_events);
     }
 
     /// This node's reservation key is gone from `volume`'s shared devices: it has been
@@ -1160,16 +1082,8 @@ impl OutdatePeer for Node {
 impl Inbound for Node {
     fn heartbeat(&self, heartbeat: Heartbeat) {
         let now = self.now();
-        self.inner
-            .detector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .heard(heartbeat.from, heartbeat.incarnation, now);
-        self.inner
-            .reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(heartbeat.from, heartbeat.report);
+        locked(&self.inner.detector).heard(heartbeat.from, heartbeat.incarnation, now);
+        locked(&self.inner.reports).insert(heartbeat.from, heartbeat.report);
     }
 
     fn rpc(
