@@ -845,9 +845,16 @@ impl Node {
                     .clone()
                     .ok_or("volume has shared devices but this node has no fencer")?;
                 self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
-                FenceMethod::Reservation {
-                    detail: fencer.fence(volume, victim, incarnation).await?,
-                }
+                tracing::info!(%volume, %victim, %incarnation, "fencing with reservations");
+                // A stuck target is a failed fence, reported and retried, never a hang.
+                let limit = Duration::from_secs(60);
+                let detail = tokio::time::timeout(limit, fencer.fence(volume, victim, incarnation))
+                    .await
+                    .map_err(|_| {
+                        format!("fencing {victim} on {volume} did not finish in {limit:?}")
+                    })??;
+                tracing::info!(%volume, %victim, %detail, "fenced");
+                FenceMethod::Reservation { detail }
             } else {
                 self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
                 FenceMethod::Epoch
