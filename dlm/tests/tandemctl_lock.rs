@@ -195,10 +195,18 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         assert_eq!(granted.status.as_deref(), Some("granted"));
     });
 
-    // Nothing is left.
-    let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&socket, &["locks", "--json"]).stdout).unwrap();
-    assert!(status["owned"].as_array().unwrap().is_empty(), "{status}");
+    // Nothing is left once the daemon has noticed the last client hang up
+    // (orphan cleanup runs when it reads EOF, a moment after the drop).
+    let t0 = Instant::now();
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_slice(&ctl(&socket, &["locks", "--json"]).stdout).unwrap();
+        if status["owned"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
