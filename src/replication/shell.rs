@@ -379,7 +379,8 @@ impl Shell {
         });
         let tx = self.tx.clone();
         self.reader_task = Some(tokio::spawn(async move {
-            let mut r = read_half;
+            // Buffered: acks and small frames arrive many to a recv.
+            let mut r = tokio::io::BufReader::with_capacity(256 << 10, read_half);
             loop {
                 match read_frame(&mut r).await {
                     Ok(frame) => {
@@ -528,7 +529,7 @@ impl Shell {
                     tag,
                     IoOp::Read {
                         offset,
-                        buf: AlignedBuf::zeroed(n),
+                        buf: AlignedBuf::for_overwrite(n),
                     },
                     digest,
                 );

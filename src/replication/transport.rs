@@ -139,7 +139,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::result::Result<
     let payload_len = header.payload_len();
     let data_kind = matches!(header.kind, 3 | 14 | 23);
     let (data, inline) = if data_kind && payload_len > 0 {
-        let mut buf = AlignedBuf::zeroed(payload_len);
+        let mut buf = AlignedBuf::for_overwrite(payload_len);
         r.read_exact(&mut buf)
             .await
             .map_err(|e| format!("connection lost: {e}"))?;
@@ -207,6 +207,13 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
                 w.write_all(p.bytes()).await?;
             }
             next = rx.try_recv().ok();
+            if next.is_none() {
+                // Let the tasks that are ready run first: they often have more frames
+                // for this batch (one send instead of one per frame). Costs a re-poll
+                // when nothing else is ready.
+                tokio::task::yield_now().await;
+                next = rx.try_recv().ok();
+            }
         }
         w.flush().await?;
     }

@@ -165,6 +165,68 @@ impl Drop for UringStore {
     }
 }
 
+/// Requests on a ring by token (the ring's user data), with slots reused.
+#[derive(Default)]
+pub(super) struct PendingTable {
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+}
+
+impl PendingTable {
+    /// Pushes `op` on `ring`, remembering `done` under its token; a push the ring refuses
+    /// completes at once with the error.
+    pub(super) fn push(&mut self, ring: &mut Ring, fd: RawFd, op: IoOp, done: Completion) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let (kind, ring_op) = to_ring_op(fd, op);
+        let token = u64::try_from(slot).expect("slot fits u64");
+        match ring.push(token, ring_op) {
+            Ok(()) => self.slots[slot] = Some(Pending { kind, done }),
+            Err(e) => {
+                self.free.push(slot);
+                done(IoDone {
+                    result: Err(kind_error(&kind, e)),
+                    buf: None,
+                });
+            }
+        }
+    }
+
+    /// Completes the request a CQE belongs to (unknown tokens are ignored).
+    pub(super) fn complete(&mut self, file: &std::fs::File, completion: RingCompletion) {
+        let RingCompletion { token, result, op } = completion;
+        let Some(p) = usize::try_from(token)
+            .ok()
+            .and_then(|slot| self.slots.get_mut(slot).map(|s| (slot, s.take())))
+            .and_then(|(slot, p)| {
+                self.free.push(slot);
+                p
+            })
+        else {
+            return;
+        };
+        let done = match p.kind {
+            // The filesystem cannot zero this way: fall back (rare; blocks the caller).
+            PendingKind::Deallocate { offset, len }
+                if result == -libc::EOPNOTSUPP || result == -libc::EINVAL =>
+            {
+                let r = super::zero_range_fallback(file, offset, len);
+                IoDone {
+                    result: r.map_err(|e| kind_error(&p.kind, e)),
+                    buf: None,
+                }
+            }
+            _ => finish(&p.kind, result, op),
+        };
+        (p.done)(done);
+    }
+}
+
 /// A request on the ring: the op as submitted (for error context) and its completion.
 struct Pending {
     kind: PendingKind,
@@ -186,8 +248,7 @@ fn run(
     rx: &mpsc::Receiver<Msg>,
 ) {
     let fd = file.as_raw_fd();
-    let mut pending: Vec<Option<Pending>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
+    let mut pending = PendingTable::default();
     let mut doorbell_armed = false;
     let mut stopping = false;
     let mut backlog: std::collections::VecDeque<(IoOp, Completion)> = Default::default();
@@ -216,25 +277,7 @@ fn run(
             let Some((op, done)) = backlog.pop_front() else {
                 break;
             };
-            let slot = match free.pop() {
-                Some(s) => s,
-                None => {
-                    pending.push(None);
-                    pending.len() - 1
-                }
-            };
-            let (kind, ring_op) = to_ring_op(fd, op);
-            let token = u64::try_from(slot).expect("slot fits u64");
-            match ring.push(token, ring_op) {
-                Ok(()) => pending[slot] = Some(Pending { kind, done }),
-                Err(e) => {
-                    free.push(slot);
-                    done(IoDone {
-                        result: Err(kind_error(&kind, e)),
-                        buf: None,
-                    });
-                }
-            }
+            pending.push(&mut ring, fd, op, done);
         }
         let busy = ring.in_flight() > usize::from(doorbell_armed);
         if stopping && !busy && backlog.is_empty() {
@@ -271,35 +314,12 @@ fn run(
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        for RingCompletion { token, result, op } in ring.reap() {
-            if token == DOORBELL {
+        for completion in ring.reap() {
+            if completion.token == DOORBELL {
                 doorbell_armed = false;
                 continue;
             }
-            let Some(p) = usize::try_from(token)
-                .ok()
-                .and_then(|slot| pending.get_mut(slot).map(|s| (slot, s.take())))
-                .and_then(|(slot, p)| {
-                    free.push(slot);
-                    p
-                })
-            else {
-                continue;
-            };
-            let done = match p.kind {
-                // The filesystem cannot zero this way: fall back (rare; blocks this thread).
-                PendingKind::Deallocate { offset, len }
-                    if result == -libc::EOPNOTSUPP || result == -libc::EINVAL =>
-                {
-                    let r = super::zero_range_fallback(file, offset, len);
-                    IoDone {
-                        result: r.map_err(|e| kind_error(&p.kind, e)),
-                        buf: None,
-                    }
-                }
-                _ => finish(&p.kind, result, op),
-            };
-            (p.done)(done);
+            pending.complete(file, completion);
         }
     }
     // Let the armed doorbell read complete so its buffer is handed back before the ring
