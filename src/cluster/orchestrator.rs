@@ -11,7 +11,8 @@
 //!      I execute a pending fence     ──► Fence (PR preempt or epoch) then Propose(Fenced)
 //!      log says I am primary         ──► PromoteReplica, then StartResources
 //!      log says I am not / switchover──► StopResources, DemoteReplica, Propose(Demote)
-//!      primary without quorum        ──► Suspend (stop acknowledging writes)
+//!      primary without quorum        ──► Suspend (hold every acknowledgement)
+//!      quorum back, leader confirms  ──► Propose(ConfirmPrimary), Resume
 //!      my peer finished resync       ──► Propose(UpToDate)
 //! ```
 //!
@@ -72,9 +73,6 @@ pub struct ReplicaReport {
     /// The peer's disk as this replica last saw it over the replication link.
     #[serde(default)]
     pub peer_disk: DiskState,
-    /// This replica stepped down for lack of quorum and has not been promoted since.
-    #[serde(default)]
-    pub stepped_down: bool,
     /// How many times this replica has seen its peer's disk become UpToDate (a resync
     /// finished, or a handshake found it in sync). Monotonic.
     #[serde(default)]
@@ -427,10 +425,9 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                     out.push(LocalAction::PromoteReplica {
                         volume: name.clone(),
                         epoch: volume.epoch,
-                        // After stepping down for lack of quorum the disk is marked
-                        // Outdated; the confirmation above proves nobody replaced this
-                        // primary, so its data is still the newest.
-                        force: volume.forced_epoch == Some(volume.epoch) || replica.stepped_down,
+                        // Only an operator's forced promotion of this epoch may start
+                        // from a disk that is not UpToDate.
+                        force: volume.forced_epoch == Some(volume.epoch),
                     });
                 }
             } else if !view.quorate {
@@ -441,6 +438,16 @@ pub fn local_actions(view: LocalView<'_>) -> Vec<LocalAction> {
                 }
             } else {
                 if replica.suspended {
+                    // Quorum is back. This node's log may be stale (a partition just
+                    // healed): only once the leader confirms that nobody replaced this
+                    // primary may it acknowledge what it held.
+                    out.push(LocalAction::Propose {
+                        command: Command::ConfirmPrimary {
+                            volume: name.clone(),
+                            node: me,
+                            expect: volume.epoch,
+                        },
+                    });
                     out.push(LocalAction::Resume {
                         volume: name.clone(),
                     });
@@ -703,6 +710,37 @@ mod tests {
             vec![LocalAction::Suspend {
                 volume: "vol0".into()
             }]
+        );
+        // Quorum returns and nobody replaced A: the leader must confirm A before it
+        // acknowledges what it held (its log may be stale).
+        let mut held = mine.clone();
+        held.get_mut("vol0").unwrap().suspended = true;
+        let back = local_actions(LocalView {
+            me: A,
+            incarnation: INC,
+            now: Millis(0),
+            quorate: true,
+            state: &s,
+            replicas: &held,
+            reports: &no_reports,
+            shared: &none,
+            fencing: &none,
+            resynced: &none,
+        });
+        assert_eq!(
+            back[..2],
+            [
+                LocalAction::Propose {
+                    command: Command::ConfirmPrimary {
+                        volume: "vol0".into(),
+                        node: A,
+                        expect: e,
+                    }
+                },
+                LocalAction::Resume {
+                    volume: "vol0".into()
+                }
+            ]
         );
         // The majority replaced A meanwhile.
         s.apply(&Command::MarkDown {

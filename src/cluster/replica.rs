@@ -8,8 +8,11 @@
 //!   its writes wait.
 //! - Epochs: the log's volume epoch is the replication epoch; the peer refuses a primary
 //!   from an older one.
-//! - Quorum loss: the primary steps down (I/O errors, like DRBD's `on-no-quorum io-error`)
-//!   and is promoted again once it hears the majority and the log still names it.
+//! - Quorum loss: the primary suspends I/O (DRBD's `on-no-quorum suspend-io`): nothing is
+//!   acknowledged, finished writes are held and new ones queue. When it hears the
+//!   majority again and the leader confirms the log still names it, the held writes
+//!   complete; if it was replaced, the newer epoch fails them (never acknowledged) and it
+//!   resyncs as a secondary.
 //! - Frontends: the NBD export (TCP on 127.0.0.0/8 or a unix socket) and optionally ublk.
 
 use super::config::{Config, Protocol as ConfigProtocol};
@@ -209,10 +212,8 @@ fn report_of(
             status.connection,
             ConnState::SyncSource | ConnState::SyncTarget | ConnState::WfBitmap
         ),
-        // The quorum-loss flag matters to a primary; a secondary reports it as
-        // `stepped_down` (for the re-promotion after quorum returns).
+        // The quorum-loss flag matters to a primary only.
         suspended: (suspended && status.role == Role::Primary) || status.io_suspended,
-        stepped_down: suspended,
         peer_disk: disk(status.peer_disk),
         peer_uptodate_events,
         epoch: Epoch(status.epoch.0),
@@ -336,14 +337,16 @@ impl VolumeDriver for ClusterVolume {
                         .map_err(|e| e.to_string())
                 }
                 VolumeAction::Suspend => {
-                    // No quorum: stop taking writes now. The log may already have named
-                    // another primary; we must not acknowledge anything.
+                    // No quorum: acknowledge nothing from now on (the log may already
+                    // have named another primary). Writes are held, not failed: if the
+                    // cluster confirms this primary when quorum returns they complete; if
+                    // it was replaced, the newer epoch fails them.
                     self.suspended.store(true, Ordering::Release);
-                    self.volume.step_down().await.map_err(|e| e.to_string())
+                    self.volume.suspend_io().await.map_err(|e| e.to_string())
                 }
                 VolumeAction::Resume => {
                     self.suspended.store(false, Ordering::Release);
-                    Ok(())
+                    self.volume.resume_io().await.map_err(|e| e.to_string())
                 }
             };
             self.refresh().await;

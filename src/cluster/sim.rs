@@ -348,7 +348,6 @@ impl World {
                             device: None,
                             peer_disk: self.peer_disk_seen_by(id, name),
                             peer_uptodate_events: r.peer_uptodate_events,
-                            stepped_down: false,
                         },
                     )
                 })

@@ -110,10 +110,17 @@ pub enum Admin {
     SetEpoch(Epoch),
     /// The cluster recorded this (secondary) disk as outdated.
     Outdate,
-    /// The cluster says this primary must stop at once (no quorum, or deposed): fail the
+    /// The cluster says this primary must stop at once (deposed, or fenced): fail the
     /// writes in flight (none was acknowledged) and become an Outdated secondary, as when
     /// fenced by a newer epoch.
     StepDown,
+    /// This primary lost quorum (DRBD's `on-no-quorum suspend-io`): acknowledge nothing
+    /// from now on — finished writes and flushes are held, new ones queue — until
+    /// [`Admin::ResumeIo`] (the cluster confirmed this node is still the primary) or a
+    /// step-down / newer epoch (they fail, unacknowledged).
+    SuspendIo,
+    /// Quorum is back and the cluster confirmed this primary: release what was held.
+    ResumeIo,
     StartVerify,
     SetResyncRate {
         max_bytes_per_sec: u64,
@@ -482,6 +489,11 @@ struct AppWriteState {
     local: Stage,
     peer: PeerStage,
     seq: Option<u64>,
+    /// The connection this write was replicated on is still up: completing it may mark
+    /// its blocks in sync. After a disconnect the bitmap may hold newer news for them
+    /// (a later write, an epoch the peer never flushed), so a write completing late — held
+    /// for lack of quorum — leaves the bits alone.
+    same_link: bool,
 }
 
 /// A replicated write the peer has not made durable yet (its epoch is not acked).
@@ -613,6 +625,9 @@ pub struct Replica {
     al: ActivityLog,
     alone: AloneGate,
     alone_generation_done: bool,
+    /// No quorum: completions are held and new application I/O queues (see
+    /// [`Admin::SuspendIo`]).
+    quorum_hold: bool,
     // primary side
     writes: BTreeMap<ReqId, AppWriteState>,
     by_seq: BTreeMap<u64, ReqId>,
@@ -728,6 +743,7 @@ impl Replica {
             al,
             alone: AloneGate::Closed,
             alone_generation_done: false,
+            quorum_hold: false,
             writes: BTreeMap::new(),
             by_seq: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
@@ -811,9 +827,10 @@ impl Replica {
     pub fn is_syncing(&self) -> bool {
         matches!(self.conn, ConnState::SyncSource | ConnState::SyncTarget)
     }
-    /// Is application I/O waiting for the fencing hook?
+    /// Is application I/O suspended: waiting for the fencing hook, or held for lack of
+    /// quorum?
     pub fn is_suspended(&self) -> bool {
-        matches!(self.alone, AloneGate::Pending | AloneGate::Failed { .. })
+        (matches!(self.alone, AloneGate::Pending | AloneGate::Failed { .. }) || self.quorum_hold)
             && self.role == Role::Primary
     }
     /// The configuration.
@@ -1079,6 +1096,8 @@ impl Replica {
     fn set_role(&mut self, role: Role, out: &mut Vec<Action>) {
         if self.role != role {
             self.role = role;
+            // A hold is a primary's: whoever demoted it failed what was held.
+            self.quorum_hold = false;
             out.push(Action::Notify(Notice::Role { role }));
             if self.is_connected() {
                 self.send_state(out);
@@ -1178,8 +1197,9 @@ impl Replica {
     /// write, and both hung for good. The exchange takes one round trip; the held requests
     /// start once the resync runs (replicated, like every write during a resync) or once
     /// the connection is lost (alone, behind the fencing gate).
+    /// Without quorum nothing new starts either (it could not be acknowledged).
     fn holds_app_io(&self) -> bool {
-        self.role == Role::Primary && self.conn == ConnState::WfBitmap
+        self.role == Role::Primary && (self.conn == ConnState::WfBitmap || self.quorum_hold)
     }
 
     /// Must this write wait: it overlaps a write whose local part is not done, a write
@@ -1236,6 +1256,7 @@ impl Replica {
             },
             peer: PeerStage::Lost,
             seq: None,
+            same_link: true,
         };
         if self.replicating() {
             let (seq, peer) = self.replicate(req, offset, len, kind, has_disk, out);
@@ -1498,6 +1519,10 @@ impl Replica {
             (Stage::Done, _) if peer_ok => Ok(None),
             (Stage::Done, _) => return,
         };
+        if result.is_ok() && self.quorum_hold {
+            // Done, but not acknowledged while this primary may have been replaced.
+            return;
+        }
         let w = self.writes.remove(&req).expect("present: checked above");
         if w.local != Stage::NotNeeded {
             self.al.end(w.offset, w.len);
@@ -1508,6 +1533,7 @@ impl Replica {
         if result.is_ok()
             && w.local == Stage::Done
             && w.peer == PeerStage::Done
+            && w.same_link
             && self.cfg.protocol == Protocol::C
         {
             // Now on both disks: covered blocks are in sync (helps a running resync).
@@ -1612,6 +1638,9 @@ impl Replica {
             }
             _ => return,
         };
+        if result.is_ok() && self.quorum_hold {
+            return;
+        }
         self.flushes.remove(&req);
         out.push(Action::Complete { req, result });
         self.maybe_close_gate(out);
@@ -1885,6 +1914,12 @@ impl Replica {
             if let Some(w) = self.writes.get_mut(req) {
                 w.peer = PeerStage::Lost;
             }
+        }
+        // Sequence numbers start again on the next connection: a write that outlives this
+        // one (held for lack of quorum, say) must not later unmap a new write's number.
+        for w in self.writes.values_mut() {
+            w.seq = None;
+            w.same_link = false;
         }
         self.by_seq.clear();
         for f in self.flushes.values_mut() {
@@ -2605,6 +2640,33 @@ impl Replica {
                     self.fenced(out);
                 }
             }
+            Admin::SuspendIo => {
+                if self.role == Role::Primary && !self.quorum_hold {
+                    self.quorum_hold = true;
+                    out.push(Action::Notify(Notice::IoSuspended {
+                        reason:
+                            "no quorum: writes are held until the cluster confirms this primary"
+                                .into(),
+                    }));
+                }
+            }
+            Admin::ResumeIo => {
+                if self.quorum_hold {
+                    self.quorum_hold = false;
+                    if !self.is_suspended() {
+                        out.push(Action::Notify(Notice::IoResumed));
+                    }
+                    let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
+                    for req in reqs {
+                        self.try_complete_write(req, out);
+                    }
+                    let flushes: Vec<ReqId> = self.flushes.keys().copied().collect();
+                    for req in flushes {
+                        self.try_complete_flush(req, out);
+                    }
+                    self.run_blocked(out);
+                }
+            }
             Admin::Connect => {
                 self.want_connect = true;
                 if self.conn == ConnState::StandAlone {
@@ -2796,6 +2858,7 @@ impl Replica {
 
     fn set_role_quiet(&mut self, role: Role, out: &mut Vec<Action>) {
         self.role = role;
+        self.quorum_hold = false;
         out.push(Action::Notify(Notice::Role { role }));
     }
 

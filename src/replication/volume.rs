@@ -276,6 +276,14 @@ impl Volume {
     pub async fn step_down(&self) -> Result<()> {
         self.admin(Admin::StepDown).await
     }
+    /// Lost quorum: hold every acknowledgement and queue new I/O ([`Admin::SuspendIo`]).
+    pub async fn suspend_io(&self) -> Result<()> {
+        self.admin(Admin::SuspendIo).await
+    }
+    /// The cluster confirmed this primary: release held I/O ([`Admin::ResumeIo`]).
+    pub async fn resume_io(&self) -> Result<()> {
+        self.admin(Admin::ResumeIo).await
+    }
     /// Starts connecting to the peer.
     pub async fn connect(&self) -> Result<()> {
         self.admin(Admin::Connect).await

@@ -214,6 +214,10 @@ pub struct SimConfig {
     /// stays at its old epoch until its peer tells it) half of the time, instead of
     /// telling it the new epoch.
     pub step_down: bool,
+    /// The primary loses quorum now and then (`SuspendIo`) and gets it back (`ResumeIo`),
+    /// and a failover first suspends a reachable old primary: nothing may be acknowledged
+    /// while suspended, and what was held completes or fails, never hangs.
+    pub quorum_loss: bool,
 }
 
 impl Default for SimConfig {
@@ -229,6 +233,7 @@ impl Default for SimConfig {
             fence_fail_percent: 0,
             fence_latency_ms: 1,
             step_down: false,
+            quorum_loss: false,
         }
     }
 }
@@ -251,6 +256,9 @@ pub struct SimReport {
     pub fence_failures: u64,
     /// Failovers that deposed the old primary with `StepDown`.
     pub step_downs: u64,
+    /// Times a primary lost quorum (I/O suspended) and got it back (resumed).
+    pub quorum_holds: u64,
+    pub quorum_resumes: u64,
 }
 
 /// The simulated world.
@@ -281,6 +289,8 @@ pub struct Sim {
     pub unsafe_crash: bool,
     pub report: SimReport,
     pending_app: BTreeMap<ReqId, (usize, AppKind)>,
+    /// Nodes told `SuspendIo` and not resumed, demoted or restarted since.
+    held: [bool; 2],
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +343,7 @@ impl Sim {
                 ..Default::default()
             },
             pending_app: BTreeMap::new(),
+            held: [false; 2],
         };
         for id in 0..2u32 {
             let md = PersistedMd {
@@ -673,6 +684,16 @@ impl Sim {
             return;
         };
         self.nodes[node].app_data.remove(&req);
+        if ok
+            && self.held[node]
+            && self.nodes[node].core.role() == Role::Primary
+            && !matches!(kind, AppKind::Read)
+        {
+            panic!(
+                "seed {}: node {node} acknowledged {kind:?} while suspended for lack of quorum",
+                self.report.seed
+            );
+        }
         match kind {
             AppKind::Write {
                 offset_block,
@@ -808,6 +829,7 @@ impl Sim {
             );
         }
         tracing::trace!(node, "crash");
+        self.held[node] = false;
         let n = &mut self.nodes[node];
         n.up = false;
         n.incarnation += 1;
@@ -885,6 +907,10 @@ impl Sim {
         // The cluster fences the old primary first: it learns the epoch if reachable, or
         // (quorum lost) it steps down and learns the epoch from its peer later.
         if self.nodes[old].up {
+            if self.cfg.quorum_loss && !self.held[old] {
+                // Cut off from the majority, it lost quorum before it was deposed.
+                self.suspend_io(old);
+            }
             if self.cfg.step_down && self.rng.chance(50) {
                 self.report.step_downs += 1;
                 self.admin(old, Admin::StepDown);
@@ -892,8 +918,42 @@ impl Sim {
                 self.admin(old, Admin::SetEpoch(epoch));
             }
         }
+        self.held[old] = false;
         self.admin(new, Admin::SetEpoch(epoch));
         self.admin(new, Admin::Promote { force: false });
+    }
+
+    /// Quorum is back for `node` (held): the cluster confirms it, or it was replaced.
+    fn quorum_change_of(&mut self, node: usize) {
+        self.held[node] = false;
+        if self.nodes[node].up && self.cluster_primary == Some(node) {
+            self.report.quorum_resumes += 1;
+            self.admin(node, Admin::ResumeIo);
+        } else if self.nodes[node].up {
+            self.admin(node, Admin::StepDown);
+        }
+    }
+
+    fn suspend_io(&mut self, node: usize) {
+        self.held[node] = true;
+        self.report.quorum_holds += 1;
+        self.admin(node, Admin::SuspendIo);
+    }
+
+    /// The legitimate primary loses quorum, or gets it back (the cluster confirmed it is
+    /// still the primary, so what it held may now be acknowledged).
+    fn quorum_change(&mut self) {
+        let Some(p) = self.cluster_primary else {
+            return;
+        };
+        if !self.nodes[p].up || self.nodes[p].core.role() != Role::Primary {
+            return;
+        }
+        if self.held[p] {
+            self.quorum_change_of(p);
+        } else {
+            self.suspend_io(p);
+        }
     }
 
     fn deliver_due(&mut self, until: u64) {
@@ -1106,6 +1166,8 @@ impl Sim {
             }
         } else if r < 65 {
             self.failover();
+        } else if cfg.quorum_loss && r < 67 {
+            self.quorum_change();
         } else {
             let ms = 1 + self.rng.below(20);
             self.advance(ms);
@@ -1115,6 +1177,11 @@ impl Sim {
     /// Heals everything and waits until both nodes are connected and in sync.
     pub fn heal(&mut self) -> Result<(), String> {
         self.partitioned = false;
+        for n in 0..2 {
+            if self.held[n] {
+                self.quorum_change_of(n);
+            }
+        }
         for n in 0..2 {
             if !self.nodes[n].up {
                 self.restart(n);

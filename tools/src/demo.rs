@@ -293,8 +293,20 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Starts writing random blocks of the first `blocks` of the volume.
+    /// Starts writing random blocks of the first `blocks` of the volume; a write that
+    /// takes over 2 s counts as failed (the client reconnects to whoever is primary).
     pub fn start(cluster: &DemoCluster, blocks: u64, seed: u64) -> Self {
+        Self::start_with_io_timeout(cluster, blocks, seed, Duration::from_secs(2))
+    }
+
+    /// [`Workload::start`] with another per-request timeout (an application that waits
+    /// out a suspension, as a kernel NBD device with its default timeout does).
+    pub fn start_with_io_timeout(
+        cluster: &DemoCluster,
+        blocks: u64,
+        seed: u64,
+        io_timeout: Duration,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(WorkloadLog::default()));
         let writes = Arc::new(AtomicU64::new(0));
@@ -317,7 +329,7 @@ impl Workload {
             let mut client: Option<NbdClient> = None;
             while !stop2.load(Ordering::Relaxed) {
                 if client.is_none() {
-                    client = connect_to_primary(&sockets, &log2);
+                    client = connect_to_primary(&sockets, &log2, io_timeout);
                     if client.is_none() {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
@@ -366,6 +378,7 @@ impl Workload {
 fn connect_to_primary(
     sockets: &[(String, PathBuf, Option<String>)],
     log: &Mutex<WorkloadLog>,
+    io_timeout: Duration,
 ) -> Option<NbdClient> {
     let primary = sockets.iter().find_map(|(_, socket, _)| {
         let reply = control::request(socket, &Request::Status).ok()?;
@@ -382,7 +395,7 @@ fn connect_to_primary(
             .map(|_| primary)
     })?;
     let address = sockets.iter().find(|(n, _, _)| *n == primary)?.2.clone()?;
-    let client = NbdClient::connect(&address, Duration::from_secs(2)).ok()?;
+    let client = NbdClient::connect(&address, io_timeout).ok()?;
     log.lock()
         .unwrap_or_else(|e| e.into_inner())
         .connections

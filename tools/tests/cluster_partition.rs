@@ -88,14 +88,14 @@ impl Drop for Net {
     }
 }
 
-fn config(dir: &std::path::Path, subnet: u8) -> String {
+fn config(dir: &std::path::Path, subnet: u8, failure_timeout_ms: u64) -> String {
     format!(
         r#"
 [cluster]
 name = "partition"
 secret = "partition-test-secret-0123456789"
 heartbeat_ms = 100
-failure_timeout_ms = 800
+failure_timeout_ms = {failure_timeout_ms}
 quorum_lease_ms = 500
 state_dir = "{d}/{{node}}"
 control_socket = "{d}/{{node}}/control.sock"
@@ -127,10 +127,11 @@ nbd = "{d}/{{node}}/nbd.sock"
     )
 }
 
-#[test]
-fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes() {
+/// Three tandemd in their namespaces (alpha, beta, witness) with a failure timeout of
+/// `failure_timeout_ms`.
+fn start_cluster(failure_timeout_ms: u64) -> (Net, DemoCluster, std::path::PathBuf) {
     let tag = format!("{}", std::process::id() % 10_000);
-    let subnet = u8::try_from(std::process::id() % 200 + 20).unwrap();
+    let subnet = u8::try_from(std::process::id() % 200 + 20).expect("below 220");
     let net = Net::new(&tag, subnet);
     let dir = std::env::temp_dir().join(format!("tandem-partition-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -145,7 +146,122 @@ fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes()
         })
         .collect();
     let tandemd = tandem_testbed::workspace_binary("tandemd").expect("tandemd is built");
-    let c = DemoCluster::start_custom(&dir, &tandemd, &config(&dir, subnet), wrappers).unwrap();
+    let c = DemoCluster::start_custom(
+        &dir,
+        &tandemd,
+        &config(&dir, subnet, failure_timeout_ms),
+        wrappers,
+    )
+    .expect("the three nodes start");
+    (net, c, dir)
+}
+
+/// The replica report of `node` for the volume, as `node` itself sees it.
+fn report_of(c: &DemoCluster, node: &str) -> Option<tandem::cluster::orchestrator::ReplicaReport> {
+    c.status(node)
+        .ok()
+        .and_then(|s| s.volumes.into_iter().find(|v| v.name == VOLUME))
+        .and_then(|v| v.replicas.into_iter().find(|r| r.node == node))
+        .and_then(|r| r.report)
+}
+
+#[test]
+fn a_short_quorum_loss_suspends_the_primary_and_costs_a_pause_not_an_error() {
+    // Lease 500 ms, failure timeout 4 s: a 1.5 s cut makes the primary lose quorum (it
+    // must suspend: acknowledge nothing) but is too short for the others to declare it
+    // dead. When the link returns, the leader confirms the primary and the held writes
+    // complete: the application sees a pause, never an I/O error.
+    let (net, c, dir) = start_cluster(4000);
+    let old = c.wait_healthy(Duration::from_secs(60)).unwrap();
+    let index = if old == "alpha" { 0 } else { 1 };
+    let epoch_before = report_of(&c, &old).unwrap().epoch;
+    // Like a kernel NBD device (30 s default): the application waits out the pause.
+    let workload = Workload::start_with_io_timeout(&c, 1024, 11, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+
+    net.link(index, false);
+    let cut = Instant::now();
+    let acked = || workload.writes.load(std::sync::atomic::Ordering::Relaxed);
+    let mut suspended_after = None;
+    // Acks counted once the suspension is seen (plus a moment for a reply already on
+    // the wire): nothing may be acknowledged after that while it stays suspended.
+    let mut baseline = None;
+    let mut acked_while_suspended = Vec::new();
+    while cut.elapsed() < Duration::from_millis(1500) {
+        let r = report_of(&c, &old);
+        let suspended = r
+            .as_ref()
+            .is_some_and(|r| r.role == ReplicaRole::Primary && r.suspended);
+        match (suspended, suspended_after, baseline) {
+            (true, None, _) => suspended_after = Some(cut.elapsed()),
+            (true, Some(at), None) if cut.elapsed() > at + Duration::from_millis(200) => {
+                baseline = Some(acked());
+            }
+            (true, _, Some(base)) if acked() != base => acked_while_suspended.push(acked() - base),
+            (false, Some(_), _) => panic!("the primary resumed without quorum: {r:?}"),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    net.link(index, true);
+    let suspended_after = suspended_after.expect("the primary never suspended without quorum");
+    assert!(
+        baseline.is_some(),
+        "suspended too late to watch it ({suspended_after:?})"
+    );
+    assert!(
+        acked_while_suspended.is_empty(),
+        "writes were acknowledged while suspended: {acked_while_suspended:?}"
+    );
+    // Quorum is back: same primary, same epoch, I/O resumed, writes flowing again.
+    let healed = Instant::now();
+    let resumed_after = loop {
+        let r = report_of(&c, &old);
+        if let Some(r) = &r
+            && r.role == ReplicaRole::Primary
+            && !r.suspended
+        {
+            assert_eq!(r.epoch, epoch_before, "the primary was replaced: {r:?}");
+            break healed.elapsed();
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(20),
+            "the primary did not resume: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let resumed_count = workload.writes.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    while workload.writes.load(std::sync::atomic::Ordering::Relaxed) < resumed_count + 50 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "writes did not flow again after the quorum came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "suspended {suspended_after:?} after the cut; resumed {resumed_after:?} after the heal"
+    );
+    assert_eq!(c.wait_healthy(Duration::from_secs(60)).unwrap(), old);
+    let log = workload.finish();
+    assert_eq!(
+        log.writes_failed, 0,
+        "a quorum blip must not fail application writes"
+    );
+    let lost = demo::verify(&c, &log.acked).unwrap();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        demo::compare_replicas(&c).unwrap(),
+        "replicas differ after the blip"
+    );
+    drop(c);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes() {
+    let (net, c, dir) = start_cluster(800);
     let old = c.wait_healthy(Duration::from_secs(60)).unwrap();
     let index = if old == "alpha" { 0 } else { 1 };
     let other = if old == "alpha" { "beta" } else { "alpha" };
