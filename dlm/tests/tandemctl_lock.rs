@@ -7,6 +7,8 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tandem_dlm::shell::SocketClient;
+use tandem_dlm::shell::socket::Op;
 
 fn tandemctl() -> std::path::PathBuf {
     tandem_testbed::workspace_binary("tandemctl")
@@ -22,9 +24,9 @@ fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
-    let dir = std::env::temp_dir().join(format!("tandem-ctl-lock-{}", std::process::id()));
+/// A one-node `tandem-dlmd` serving `dir/dlm.sock` (with the admin operations).
+fn start_daemon(tag: &str) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tandem-ctl-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("dlm.sock");
@@ -33,7 +35,7 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         .local_addr()
         .unwrap()
         .port();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_tandem-dlmd"))
+    let daemon = Command::new(env!("CARGO_BIN_EXE_tandem-dlmd"))
         .args([
             "--id",
             "1",
@@ -53,6 +55,98 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    (daemon, dir, socket)
+}
+
+#[test]
+fn a_lock_in_doubt_stops_the_command() {
+    let (mut daemon, dir, socket) = start_daemon("doubt");
+    let marker = dir.join("still-running");
+    // A command that ignores SIGTERM: the grace period ends in SIGKILL.
+    let script = format!(
+        "trap '' TERM; while true; do touch {m}; sleep 0.05; done",
+        m = marker.display()
+    );
+    let started = Instant::now();
+    let mut holder = Command::new(tandemctl())
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "lock", "ls", "guarded", "--grace", "0.5", "--", "sh", "-c", &script,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !marker.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the command never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A client watching events hears it too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut watcher = rt.block_on(SocketClient::connect(&socket)).unwrap();
+    let mut admin = rt.block_on(SocketClient::connect(&socket)).unwrap();
+    let lost_at = Instant::now();
+    rt.block_on(admin.call(Op::Quorum { quorate: false }))
+        .unwrap();
+    let status = loop {
+        if let Some(status) = holder.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(5),
+            "tandemctl did not stop the command when its lock fell in doubt"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stopped_after = lost_at.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(holder.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("lost quorum"), "{stderr}");
+    // SIGKILL after the grace period: the loop really stopped.
+    std::fs::remove_file(&marker).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !marker.exists(),
+        "the command outlived tandemctl ({stopped_after:?})"
+    );
+    let event = rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), watcher.next_event()).await
+        })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event, "quorum-lost");
+    // Locking while quorum is lost: the lock is in doubt from the start.
+    let out = ctl(&socket, &["lock", "ls", "other", "--", "sleep", "5"]);
+    assert_eq!(out.status.code(), Some(3));
+    rt.block_on(admin.call(Op::Quorum { quorate: true }))
+        .unwrap();
+    let event = rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), watcher.next_event()).await
+        })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.event, "quorum-regained");
+    let out = ctl(&socket, &["lock", "ls", "guarded", "--", "true"]);
+    assert!(out.status.success(), "{out:?}");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
+    let (mut daemon, dir, socket) = start_daemon("lock");
 
     // The command's exit status comes back.
     let out = ctl(
@@ -136,8 +230,6 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         .build()
         .unwrap();
     rt.block_on(async {
-        use tandem_dlm::shell::SocketClient;
-        use tandem_dlm::shell::socket::Op;
         let lock_op = |mode: &str| Op::Lock {
             lockspace: "ls".into(),
             name: "sock".into(),
@@ -167,8 +259,8 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
             let events = holder.take_events();
             if let Some(e) = events.first() {
                 assert_eq!(
-                    (e.event.as_str(), e.lock, e.mode.as_str()),
-                    ("blocking", r.lock.unwrap(), "pr")
+                    (e.event.as_str(), e.lock, e.mode.as_deref()),
+                    ("blocking", r.lock, Some("pr"))
                 );
                 break;
             }

@@ -7,6 +7,9 @@
 //! - Fencing: a member the log marked down (after the failure timeout, by which time it
 //!   has lost its quorum lease and stopped writing) is confirmed fenced; the DLM drops
 //!   its locks only then.
+//! - Quorum: the moment this node stops hearing a majority (its quorum lease, shorter
+//!   than the failure timeout after which the others may declare it dead and recover its
+//!   locks), the lock manager tells its clients that every lock held here is in doubt.
 //! - Clients: the unix socket (`tandemctl lock`, applications) at the node's DLM socket.
 
 use super::node::{Node, NodeError};
@@ -133,6 +136,30 @@ impl DlmService {
                     .as_ref()
                 {
                     dlm.serve_peer(Box::new(stream));
+                }
+            }
+        });
+        // The quorum verdict, on every cluster event (and at least every 100 ms).
+        let mut events = node.events();
+        let for_quorum = Arc::clone(&current);
+        let quorum_node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let quorate = quorum_node.is_quorate();
+                if let Some(dlm) = for_quorum
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    dlm.set_quorate(quorate);
+                }
+                tokio::select! {
+                    event = events.recv() => {
+                        if matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                 }
             }
         });

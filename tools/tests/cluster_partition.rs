@@ -156,6 +156,41 @@ fn start_cluster(failure_timeout_ms: u64) -> (Net, DemoCluster, std::path::PathB
     (net, c, dir)
 }
 
+/// `tandemctl lock part guarded [extra] -- sh -c script` against `node`'s lock manager.
+fn lock_command(
+    dir: &std::path::Path,
+    node: &str,
+    extra: &[&str],
+    script: &str,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tandemctl"))
+        .arg("--socket")
+        .arg(dir.join(node).join("dlm.sock"))
+        .args(["lock", "part", "guarded", "--grace", "0.2"])
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .spawn()
+        .expect("tandemctl starts")
+}
+
+fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return status;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "{what} did not finish in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The replica report of `node` for the volume, as `node` itself sees it.
 fn report_of(c: &DemoCluster, node: &str) -> Option<tandem::cluster::orchestrator::ReplicaReport> {
     c.status(node)
@@ -266,10 +301,39 @@ fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes()
     let index = if old == "alpha" { 0 } else { 1 };
     let other = if old == "alpha" { "beta" } else { "alpha" };
     let workload = Workload::start(&c, 1024, 7);
+    // A lock user on the old primary: its command stamps the time while it runs.
+    let stamps = dir.join("stamps");
+    std::fs::create_dir_all(&stamps).unwrap();
+    let holder_stamp = stamps.join("holder");
+    let mut holder = lock_command(
+        &dir,
+        &old,
+        &[],
+        &format!(
+            "trap 'exit 143' TERM; while true; do date +%s%N > {f}.tmp; mv {f}.tmp {f}; sleep 0.01; done",
+            f = holder_stamp.display()
+        ),
+    );
+    let t = Instant::now();
+    while !holder_stamp.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the lock holder never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_secs(1));
 
     net.link(index, false);
     let cut = Instant::now();
+    // Someone on the majority side wants the same lock.
+    let contender_stamp = stamps.join("contender");
+    let mut contender = lock_command(
+        &dir,
+        other,
+        &["-w", "60"],
+        &format!("date +%s%N > {}", contender_stamp.display()),
+    );
     // Watch both sides until the majority has promoted the other replica.
     let mut two_primaries = Vec::new();
     let mut old_suspended_after = None;
@@ -313,6 +377,31 @@ fn an_isolated_primary_stops_and_the_majority_takes_over_without_losing_writes()
     assert!(
         two_primaries.is_empty(),
         "two writable primaries at one epoch: {two_primaries:?}"
+    );
+    // The lock: the isolated node's holder was stopped (its lock in doubt) before the
+    // majority's contender ran with it.
+    let holder_status = wait_exit(&mut holder, Duration::from_secs(30), "the lock holder");
+    assert_eq!(
+        holder_status.code(),
+        Some(3),
+        "the holder was not told its lock was lost"
+    );
+    let contender_status = wait_exit(&mut contender, Duration::from_secs(60), "the contender");
+    assert!(
+        contender_status.success(),
+        "the contender never got the lock"
+    );
+    let stamp = |p: &std::path::Path| -> u128 {
+        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    };
+    let (held_until, taken_at) = (stamp(&holder_stamp), stamp(&contender_stamp));
+    assert!(
+        held_until < taken_at,
+        "the isolated holder still ran at {held_until} after the contender got the lock at {taken_at}"
+    );
+    eprintln!(
+        "lock holder stopped {} ms before the contender got the lock",
+        (taken_at - held_until) / 1_000_000
     );
     let suspended = old_suspended_after.expect("the isolated primary never stopped");
     eprintln!("isolated primary stopped after {suspended:?}; {other} took over after {takeover:?}");

@@ -123,6 +123,13 @@ impl LockClient {
         self.id
     }
 
+    /// Whether this node has quorum (the cluster layer's verdict; true for a node that is
+    /// not told otherwise). When it turns false every lock of this client is in doubt:
+    /// stop the work it protects.
+    pub fn quorum(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.quorate.subscribe()
+    }
+
     /// The stream of blocking callbacks (can be taken once).
     pub fn blocking_callbacks(&mut self) -> Option<mpsc::UnboundedReceiver<BlockingNotice>> {
         self.basts.take()

@@ -103,6 +103,9 @@ pub(crate) struct Shared {
     pub(crate) bad_peers: LogLimit,
     stopped: AtomicBool,
     started: Instant,
+    /// Does the cluster layer say this node has quorum? Without it, every lock held here
+    /// is in doubt: the majority may declare this node dead and grant them elsewhere.
+    pub(crate) quorate: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -112,6 +115,22 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// See [`Node::set_quorate`].
+    pub(crate) fn set_quorate(&self, quorate: bool) {
+        let changed = self.quorate.send_if_modified(|q| {
+            let changed = *q != quorate;
+            *q = quorate;
+            changed
+        });
+        if changed {
+            if quorate {
+                tracing::info!(node_id = %self.me, "quorum regained");
+            } else {
+                tracing::warn!(node_id = %self.me, "quorum lost: every lock held here is in doubt");
+            }
+        }
+    }
+
     pub(crate) fn lock_core(&self) -> MutexGuard<'_, CoreState> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -477,6 +496,7 @@ impl Node {
             bad_peers: LogLimit::default(),
             stopped: AtomicBool::new(false),
             started: Instant::now(),
+            quorate: tokio::sync::watch::Sender::new(true),
         });
         let mut tasks = Vec::new();
         if let Some(addr) = config.listen {
@@ -556,6 +576,15 @@ impl Node {
     pub fn membership(&self, epoch: Epoch, members: BTreeMap<NodeId, Incarnation>) {
         tracing::info!(node_id = %self.shared.me, epoch = %epoch, ?members, "membership");
         self.shared.step(Event::Membership { epoch, members });
+    }
+
+    /// The cluster layer's quorum verdict for this node. Losing quorum puts every lock
+    /// held here in doubt: clients are told at once (socket event `quorum-lost`,
+    /// [`LockClient::quorum`](super::LockClient::quorum)) so they stop relying on their
+    /// locks before the majority can declare this node dead and grant them elsewhere
+    /// (the quorum lease is shorter than the failure timeout).
+    pub fn set_quorate(&self, quorate: bool) {
+        self.shared.set_quorate(quorate);
     }
 
     /// A departed node's incarnation is fenced (from the cluster log).

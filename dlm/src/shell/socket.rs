@@ -8,6 +8,8 @@
 //! → {"id":1,"op":"lock","lockspace":"ls","name":"vol0","mode":"ex","flags":["noqueue"]}
 //! ← {"id":1,"status":"granted","lock":7,"mode":"ex"}
 //! ← {"event":"blocking","lock":7,"mode":"pr"}
+//! ← {"event":"quorum-lost"}                  (every lock held here is in doubt: stop)
+//! ← {"event":"quorum-regained"}
 //! → {"id":2,"op":"convert","lock":7,"mode":"nl","flags":["valblk"],"lvb":"00ff.."}
 //! → {"id":3,"op":"unlock","lock":7}
 //! ← {"id":3,"status":"unlocked","lock":7}
@@ -17,7 +19,8 @@
 //!
 //! Admin operations (only with `socket_admin`, for the standalone daemon where the test
 //! or the operator is the cluster layer): `{"op":"membership","epoch":E,"members":[[node,
-//! incarnation],..]}` and `{"op":"fence-confirm","node":N,"incarnation":I}`. Malformed
+//! incarnation],..]}`, `{"op":"fence-confirm","node":N,"incarnation":I}` and
+//! `{"op":"quorum","quorate":false}`. Malformed
 //! lines get an error response; they never end the connection or the node.
 
 use std::path::Path;
@@ -104,6 +107,11 @@ pub enum Op {
         /// Its fenced incarnation.
         incarnation: u64,
     },
+    /// Admin: the cluster layer's quorum verdict for this node.
+    Quorum {
+        /// Does it hear a majority?
+        quorate: bool,
+    },
 }
 
 /// A response line.
@@ -141,12 +149,29 @@ pub struct Response {
 /// An event line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventLine {
-    /// "blocking".
+    /// "blocking", "quorum-lost" or "quorum-regained".
     pub event: String,
-    /// The lock.
-    pub lock: u64,
-    /// The mode waiting.
-    pub mode: String,
+    /// The lock (blocking callbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<u64>,
+    /// The mode waiting (blocking callbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl EventLine {
+    fn quorum(quorate: bool) -> Self {
+        Self {
+            event: if quorate {
+                "quorum-regained"
+            } else {
+                "quorum-lost"
+            }
+            .into(),
+            lock: None,
+            mode: None,
+        }
+    }
 }
 
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, DlmError> {
@@ -232,6 +257,18 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
     };
     let mut lines = BufReader::new(rd).lines();
     let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut quorum = client.quorum();
+    // A client that connects while quorum is lost hears it at once.
+    if !*quorum.borrow_and_update()
+        && let Ok(text) = serde_json::to_string(&EventLine::quorum(false))
+    {
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'\n');
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
     loop {
         tokio::select! {
             line = lines.next_line() => match line {
@@ -249,10 +286,17 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
             Some(b) = basts.recv() => {
                 let line = EventLine {
                     event: "blocking".into(),
-                    lock: b.lock.0,
-                    mode: b.mode.name().into(),
+                    lock: Some(b.lock.0),
+                    mode: Some(b.mode.name().into()),
                 };
                 if let Ok(text) = serde_json::to_string(&line) {
+                    out.extend_from_slice(text.as_bytes());
+                    out.push(b'\n');
+                }
+            }
+            Ok(()) = quorum.changed() => {
+                let quorate = *quorum.borrow_and_update();
+                if let Ok(text) = serde_json::to_string(&EventLine::quorum(quorate)) {
                     out.extend_from_slice(text.as_bytes());
                     out.push(b'\n');
                 }
@@ -418,6 +462,13 @@ fn handle(
             });
             return send(tx, &ok(id));
         }
+        Op::Quorum { quorate } => {
+            if !admin {
+                return send(tx, &error(id, "quorum is not served on this socket".into()));
+            }
+            shared.set_quorate(quorate);
+            return send(tx, &ok(id));
+        }
         Op::FenceConfirm { node, incarnation } => {
             if !admin {
                 return send(
@@ -532,5 +583,30 @@ impl SocketClient {
     /// Event lines received so far.
     pub fn take_events(&mut self) -> Vec<EventLine> {
         std::mem::take(&mut self.events)
+    }
+
+    /// The next event line (one kept by [`call`](Self::call) first); `None` once the lock
+    /// manager closed the connection (then every lock of this client is gone).
+    pub async fn next_event(&mut self) -> Result<Option<EventLine>, DlmError> {
+        if !self.events.is_empty() {
+            return Ok(Some(self.events.remove(0)));
+        }
+        loop {
+            let Some(line) = self
+                .reader
+                .next_line()
+                .await
+                .map_err(|source| DlmError::Io {
+                    what: "reading from the lock manager socket".into(),
+                    source,
+                })?
+            else {
+                return Ok(None);
+            };
+            if let Ok(ev) = serde_json::from_str::<EventLine>(&line) {
+                return Ok(Some(ev));
+            }
+            // A late response to an abandoned request: nothing waits for it.
+        }
     }
 }

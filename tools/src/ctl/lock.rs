@@ -5,6 +5,11 @@
 //! The lock is held by the socket connection: if tandemctl dies, the lock manager
 //! releases it. `tandemctl locks [--json]` lists this node's locks.
 //!
+//! If the lock falls in doubt while COMMAND runs — this node lost quorum, so the majority
+//! may soon declare it dead and grant the lock elsewhere, or the lock manager went away —
+//! COMMAND is stopped at once (SIGTERM, SIGKILL after `--grace` seconds), as sanlock does
+//! with a lost lease, and tandemctl exits with status 3 ([`LOCK_LOST`]).
+//!
 //! The lock manager socket: `--socket PATH`, else `$TANDEM_DLM_SOCKET`, else
 //! `/run/tandem/dlm.sock`.
 
@@ -17,6 +22,9 @@ use clap::Args;
 use tandem_dlm::Mode;
 use tandem_dlm::shell::socket::Op;
 use tandem_dlm::shell::{LockInfo, NodeStatus, SocketClient};
+
+/// Exit status when the lock fell in doubt and COMMAND was stopped.
+pub const LOCK_LOST: i32 = 3;
 
 /// Default lock manager socket.
 pub const DEFAULT_SOCKET: &str = "/run/tandem/dlm.sock";
@@ -37,6 +45,9 @@ pub struct LockArgs {
     /// Give up (exit 1) after waiting this many seconds.
     #[arg(long, short = 'w')]
     pub timeout: Option<f64>,
+    /// When the lock falls in doubt, seconds between SIGTERM and SIGKILL of COMMAND.
+    #[arg(long, default_value_t = 2.0)]
+    pub grace: f64,
     /// The command to run while holding the lock.
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
@@ -118,15 +129,91 @@ pub fn run_lock(args: LockArgs, socket: Option<&Path>) -> anyhow::Result<i32> {
     }
     let lock = response.lock.context("granted without a lock id")?;
     let (program, rest) = args.command.split_first().context("no command")?;
-    let status = std::process::Command::new(program)
+    let child = std::process::Command::new(program)
         .args(rest)
-        .status()
+        .spawn()
         .with_context(|| format!("running {program}"));
-    // Release even if the command could not start.
-    let released = rt.block_on(client.call(Op::Unlock { lock, lvb: None }));
-    let status = status?;
-    released.context("releasing the lock")?;
-    Ok(exit_code(status))
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            // Release even though the command could not start.
+            let _ = rt.block_on(client.call(Op::Unlock { lock, lvb: None }));
+            return Err(e);
+        }
+    };
+    let code = match rt.block_on(watch(child, &mut client, grace(args.grace)?)) {
+        Watched::Exited(status) => exit_code(status?),
+        Watched::Lost { reason, status } => {
+            eprintln!(
+                "tandemctl: {}/{} is in doubt ({reason}); stopped {program} ({})",
+                args.lockspace,
+                args.name,
+                status.map_or_else(|e| e.to_string(), |s| s.to_string())
+            );
+            // The connection may be gone with the lock; nothing more to release then.
+            let _ = rt.block_on(client.call(Op::Unlock { lock, lvb: None }));
+            return Ok(LOCK_LOST);
+        }
+    };
+    rt.block_on(client.call(Op::Unlock { lock, lvb: None }))
+        .context("releasing the lock")?;
+    Ok(code)
+}
+
+fn grace(secs: f64) -> anyhow::Result<Duration> {
+    if !secs.is_finite() || secs < 0.0 {
+        bail!("--grace {secs} is not a number of seconds");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// How the command ended.
+enum Watched {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    /// The lock fell in doubt and the command was stopped.
+    Lost {
+        reason: String,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+}
+
+/// Waits for `child` while watching the lock manager: if the lock falls in doubt, stops
+/// the child (SIGTERM, then SIGKILL after `grace`).
+async fn watch(
+    mut child: std::process::Child,
+    client: &mut SocketClient,
+    grace: Duration,
+) -> Watched {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let (tx, mut exited) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let gone = |r: std::result::Result<std::io::Result<std::process::ExitStatus>, _>| {
+        r.unwrap_or_else(|_| Err(std::io::Error::other("lost track of the command")))
+    };
+    let reason = loop {
+        tokio::select! {
+            status = &mut exited => return Watched::Exited(gone(status)),
+            event = client.next_event() => match event {
+                Ok(Some(e)) if e.event == "quorum-lost" => break "this node lost quorum".to_owned(),
+                Ok(Some(_)) => {}
+                Ok(None) => break "the lock manager closed the connection".to_owned(),
+                Err(e) => break format!("the lock manager connection failed: {e}"),
+            },
+        }
+    };
+    let _ = kill(pid, Signal::SIGTERM);
+    let status = match tokio::time::timeout(grace, &mut exited).await {
+        Ok(status) => gone(status),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            gone(exited.await)
+        }
+    };
+    Watched::Lost { reason, status }
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
