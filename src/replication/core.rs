@@ -181,8 +181,9 @@ pub enum Event {
     MetadataFailed {
         reason: String,
     },
-    /// Result of `Action::OutdatePeer`.
+    /// Result of `Action::OutdatePeer` number `request`.
     OutdatePeerDone {
+        request: u64,
         ok: bool,
         detail: String,
     },
@@ -307,8 +308,12 @@ pub enum Action {
     Disconnect {
         reason: String,
     },
-    /// Ask the fencing hook to record the peer as outdated; answer with OutdatePeerDone.
-    OutdatePeer,
+    /// Ask the fencing hook to record the peer as outdated; answer with OutdatePeerDone
+    /// carrying the same `request` (only the latest request's answer counts: an old one
+    /// may speak of a peer that has resynced since).
+    OutdatePeer {
+        request: u64,
+    },
     /// Synchronous: make the superblock durable.
     PersistSuperblock(MdState),
     /// Synchronous: flush data, then write an activity-log transaction.
@@ -628,6 +633,8 @@ pub struct Replica {
     /// No quorum: completions are held and new application I/O queues (see
     /// [`Admin::SuspendIo`]).
     quorum_hold: bool,
+    /// Number of the latest `OutdatePeer` request.
+    outdate_request: u64,
     // primary side
     writes: BTreeMap<ReqId, AppWriteState>,
     by_seq: BTreeMap<u64, ReqId>,
@@ -744,6 +751,7 @@ impl Replica {
             alone: AloneGate::Closed,
             alone_generation_done: false,
             quorum_hold: false,
+            outdate_request: 0,
             writes: BTreeMap::new(),
             by_seq: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
@@ -1013,7 +1021,21 @@ impl Replica {
             Event::MetadataFailed { reason } => {
                 self.disk_failed(&format!("metadata write failed: {reason}"), &mut out);
             }
-            Event::OutdatePeerDone { ok, detail } => self.on_outdate_done(ok, &detail, &mut out),
+            Event::OutdatePeerDone {
+                request,
+                ok,
+                detail,
+            } => {
+                if request == self.outdate_request {
+                    self.on_outdate_done(ok, &detail, &mut out);
+                } else {
+                    tracing::debug!(
+                        request,
+                        latest = self.outdate_request,
+                        "ignoring a stale fencing-hook answer"
+                    );
+                }
+            }
             Event::Admin(cmd) => self.on_admin(cmd, &mut out),
         }
         out
@@ -1054,7 +1076,7 @@ impl Replica {
             && !self.is_connected()
         {
             self.alone = AloneGate::Pending;
-            out.push(Action::OutdatePeer);
+            self.ask_outdate(out);
         }
         if now.saturating_sub(self.last_bitmap_writeback_ms) >= self.cfg.bitmap_writeback_ms {
             self.last_bitmap_writeback_ms = now;
@@ -1448,10 +1470,17 @@ impl Replica {
                     out.push(Action::Notify(Notice::IoSuspended {
                         reason: "waiting for the fencing hook to outdate the peer".into(),
                     }));
-                    out.push(Action::OutdatePeer);
+                    self.ask_outdate(out);
                 }
             },
         }
+    }
+
+    fn ask_outdate(&mut self, out: &mut Vec<Action>) {
+        self.outdate_request += 1;
+        out.push(Action::OutdatePeer {
+            request: self.outdate_request,
+        });
     }
 
     fn open_alone(&mut self, out: &mut Vec<Action>) {

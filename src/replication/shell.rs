@@ -54,6 +54,7 @@ pub(super) enum Input {
         label: String,
     },
     Fence {
+        request: u64,
         ok: bool,
         detail: String,
     },
@@ -353,7 +354,15 @@ impl Shell {
                 self.attach(stream, label);
                 Event::TransportUp
             }
-            Input::Fence { ok, detail } => Event::OutdatePeerDone { ok, detail },
+            Input::Fence {
+                request,
+                ok,
+                detail,
+            } => Event::OutdatePeerDone {
+                request,
+                ok,
+                detail,
+            },
         };
         let actions = self.core.step(event);
         self.run_actions(actions).await;
@@ -574,13 +583,14 @@ impl Shell {
                 tracing::info!(reason = %reason, "replication link closed");
                 self.drop_connection();
             }
-            Action::OutdatePeer => {
+            Action::OutdatePeer { request } => {
                 let fencer = Arc::clone(&self.fencer);
                 let tx = self.tx.clone();
                 let name = self.name.clone();
                 tokio::spawn(async move {
                     let result = fencer.outdate_peer(&name).await;
                     let _ = tx.send(Input::Fence {
+                        request,
                         ok: result.is_ok(),
                         detail: result.err().unwrap_or_else(|| "peer outdated".into()),
                     });

@@ -173,6 +173,7 @@ enum SimEvent {
     FenceDone {
         node: usize,
         incarnation: u64,
+        request: u64,
         ok: bool,
     },
 }
@@ -575,7 +576,7 @@ impl Sim {
             Action::Complete { req, result } => self.on_complete(node, req, result.is_ok()),
             Action::Connect => self.nodes[node].connecting = true,
             Action::Disconnect { .. } => self.tear_down(Some(node)),
-            Action::OutdatePeer => {
+            Action::OutdatePeer { request } => {
                 // The sim cluster: only the legitimate primary may outdate its peer.
                 let peer = 1 - node;
                 // (The RNG is drawn only when the knobs ask for it: old seeds replay.)
@@ -607,6 +608,7 @@ impl Sim {
                     SimEvent::FenceDone {
                         node,
                         incarnation,
+                        request,
                         ok,
                     },
                 );
@@ -1062,12 +1064,14 @@ impl Sim {
             SimEvent::FenceDone {
                 node,
                 incarnation,
+                request,
                 ok,
             } => {
                 if self.nodes[node].incarnation == incarnation {
                     self.step_node(
                         node,
                         Event::OutdatePeerDone {
+                            request,
                             ok,
                             detail: if ok {
                                 "ok".into()

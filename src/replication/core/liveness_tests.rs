@@ -44,7 +44,7 @@ struct Pair {
     /// Completed application requests: (node, request, ok).
     completed: Vec<(usize, ReqId, bool)>,
     /// Unanswered `OutdatePeer` actions per node.
-    fence_asked: [usize; 2],
+    fence_asked: [Vec<u64>; 2],
     notices: [Vec<Notice>; 2],
     next_payload: u64,
     now_ms: u64,
@@ -64,7 +64,7 @@ impl Pair {
             net: Default::default(),
             disk: Default::default(),
             completed: Vec::new(),
-            fence_asked: [0; 2],
+            fence_asked: [Vec::new(), Vec::new()],
             notices: Default::default(),
             next_payload: 1,
             now_ms: 0,
@@ -122,7 +122,7 @@ impl Pair {
                 Action::Complete { req, result } => {
                     self.completed.push((node, req, result.is_ok()));
                 }
-                Action::OutdatePeer => self.fence_asked[node] += 1,
+                Action::OutdatePeer { request } => self.fence_asked[node].push(request),
                 Action::Disconnect { .. } => self.link_down(Some(node)),
                 Action::Notify(n) => self.notices[node].push(n),
                 _ => {}
@@ -203,8 +203,7 @@ impl Pair {
 
     /// Answers every `OutdatePeer` node 0 asked for.
     fn answer_fence(&mut self, ok: bool) {
-        while self.fence_asked[0] > 0 {
-            self.fence_asked[0] -= 1;
+        for request in std::mem::take(&mut self.fence_asked[0]) {
             let detail = if ok {
                 "peer outdated"
             } else {
@@ -213,6 +212,7 @@ impl Pair {
             self.step(
                 0,
                 Event::OutdatePeerDone {
+                    request,
                     ok,
                     detail: detail.into(),
                 },
@@ -264,7 +264,11 @@ impl Pair {
     /// Partition: node 0 fences its peer through the hook and writes `blocks` alone.
     fn write_alone(&mut self, blocks: &[u64]) {
         self.link_down(None);
-        assert_eq!(self.fence_asked[0], 1, "the primary fences at disconnect");
+        assert_eq!(
+            self.fence_asked[0].len(),
+            1,
+            "the primary fences at disconnect"
+        );
         self.answer_fence(true);
         // The cluster recorded the secondary as outdated.
         self.step(1, Event::Admin(Admin::Outdate));
@@ -314,7 +318,8 @@ fn a_write_during_the_bitmap_exchange_completes_and_the_resync_finishes() {
     let req = p.write(1, 3);
     p.complete_io(0);
     assert_eq!(
-        p.fence_asked[0], 0,
+        p.fence_asked[0].len(),
+        0,
         "a write during the bitmap exchange asked the cluster to outdate a connected peer"
     );
     // (Were it asked, the cluster log might have no leader right now.)
@@ -344,7 +349,11 @@ fn a_write_waiting_for_the_fencing_hook_goes_to_the_reconnected_peer() {
     let req = p.write(2, 5);
     p.complete_io(0);
     p.link_down(None);
-    assert_eq!(p.fence_asked[0], 1, "the primary fences at disconnect");
+    assert_eq!(
+        p.fence_asked[0].len(),
+        1,
+        "the primary fences at disconnect"
+    );
     assert!(p.r[0].is_suspended());
     assert_eq!(p.result_of(req), None);
 
@@ -367,14 +376,15 @@ fn a_write_waiting_for_the_fencing_hook_goes_to_the_reconnected_peer() {
     p.run_for(2_000, false);
     p.assert_in_sync();
     assert_eq!(
-        p.fence_asked[0], 0,
+        p.fence_asked[0].len(),
+        0,
         "the hook was asked again while connected"
     );
     assert_eq!(p.r[0].md().generations, p.r[1].md().generations);
 
     // The next disconnect fences again, and a write alone starts a new generation.
     p.link_down(None);
-    assert_eq!(p.fence_asked[0], 1);
+    assert_eq!(p.fence_asked[0].len(), 1);
     p.answer_fence(true);
     assert_ne!(p.r[0].md().generations.current, generations.current);
 }
@@ -385,7 +395,7 @@ fn a_write_waiting_for_the_fencing_hook_goes_to_the_reconnected_peer() {
 fn a_flush_waiting_for_the_fencing_hook_completes_through_the_reconnected_peer() {
     let mut p = Pair::new();
     p.link_down(None);
-    assert_eq!(p.fence_asked[0], 1);
+    assert_eq!(p.fence_asked[0].len(), 1);
     let req = ReqId(9);
     p.step(0, Event::AppFlush { req });
     p.complete_io(0);
@@ -402,5 +412,5 @@ fn a_flush_waiting_for_the_fencing_hook_completes_through_the_reconnected_peer()
     p.answer_fence(false);
     p.run_for(2_000, false);
     p.assert_in_sync();
-    assert_eq!(p.fence_asked[0], 0);
+    assert_eq!(p.fence_asked[0].len(), 0);
 }

@@ -257,7 +257,10 @@ fn a_write_without_the_peer_waits_for_the_fencing_hook() {
     cfg.fencing = FencingPolicy::ResourceAndStonith;
     let (mut a, _) = Replica::new(cfg, persisted(7), 1);
     let acts = a.step(Event::Admin(Admin::Promote { force: false }));
-    assert!(acts.contains(&Action::OutdatePeer), "{acts:?}");
+    assert!(
+        acts.contains(&Action::OutdatePeer { request: 1 }),
+        "{acts:?}"
+    );
     assert!(a.is_suspended());
     let req = ReqId(5);
     a.step(Event::AppWrite {
@@ -277,6 +280,7 @@ fn a_write_without_the_peer_waits_for_the_fencing_hook() {
     );
     // Fencing failed: still suspended.
     let acts = a.step(Event::OutdatePeerDone {
+        request: 1,
         ok: false,
         detail: "no quorum".into(),
     });
@@ -285,8 +289,18 @@ fn a_write_without_the_peer_waits_for_the_fencing_hook() {
     // Retried after a second; this time it works: a new generation is durable first,
     // then the write completes.
     let acts = a.step(Event::Tick { now_ms: 5_000 });
-    assert!(acts.contains(&Action::OutdatePeer));
+    assert!(acts.contains(&Action::OutdatePeer { request: 2 }));
+    // A late answer to the first request says nothing about now (the peer may have
+    // resynced since): ignored.
     let acts = a.step(Event::OutdatePeerDone {
+        request: 1,
+        ok: true,
+        detail: String::new(),
+    });
+    assert!(acts.is_empty(), "a stale answer was taken: {acts:?}");
+    assert!(a.is_suspended());
+    let acts = a.step(Event::OutdatePeerDone {
+        request: 2,
         ok: true,
         detail: String::new(),
     });
