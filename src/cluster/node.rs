@@ -778,6 +778,7 @@ impl Node {
             }
             LocalAction::Suspend { volume } => driver(volume)?.apply(VolumeAction::Suspend).await,
             LocalAction::Resume { volume } => driver(volume)?.apply(VolumeAction::Resume).await,
+            LocalAction::StepDown { volume } => driver(volume)?.apply(VolumeAction::StepDown).await,
             LocalAction::StartResources { volume } => {
                 let resources = self.resources_of(volume);
                 tokio::task::spawn_blocking(move || crate::resources::start_all(&resources))
@@ -1024,14 +1025,13 @@ impl Node {
     /// fenced. Stop writing there at once; the cluster log decides what comes next.
     pub async fn lost_reservation(&self, volume: &str) {
         tracing::error!(%volume, "own reservation key is gone: this node was fenced; stopping I/O");
+        // Step down first (held or in-flight writes fail, never acknowledged), so that
+        // stopping the resources (an unmount) cannot wait on I/O that will never finish.
         for action in [
-            LocalAction::Suspend {
+            LocalAction::StepDown {
                 volume: volume.to_owned(),
             },
             LocalAction::StopResources {
-                volume: volume.to_owned(),
-            },
-            LocalAction::DemoteReplica {
                 volume: volume.to_owned(),
             },
         ] {

@@ -325,6 +325,11 @@ pub enum LocalAction {
     Resume {
         volume: String,
     },
+    /// This node was fenced (its reservation key is gone): fail in-flight writes and
+    /// become secondary at once, so the resources on top can stop.
+    StepDown {
+        volume: String,
+    },
     StartResources {
         volume: String,
     },

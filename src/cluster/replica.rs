@@ -348,6 +348,10 @@ impl VolumeDriver for ClusterVolume {
                     self.suspended.store(false, Ordering::Release);
                     self.volume.resume_io().await.map_err(|e| e.to_string())
                 }
+                VolumeAction::StepDown => {
+                    self.suspended.store(false, Ordering::Release);
+                    self.volume.step_down().await.map_err(|e| e.to_string())
+                }
             };
             self.refresh().await;
             result

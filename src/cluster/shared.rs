@@ -72,6 +72,10 @@ impl VolumeDriver for SharedDisk {
                     r.role = ReplicaRole::Secondary;
                 }
                 VolumeAction::Resume => r.suspended = false,
+                VolumeAction::StepDown => {
+                    r.suspended = false;
+                    r.role = ReplicaRole::Secondary;
+                }
             }
             Ok(())
         })

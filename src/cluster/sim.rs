@@ -564,6 +564,17 @@ impl World {
                 }
                 Ok(true)
             }
+            LocalAction::StepDown { volume } => {
+                if let Some(r) = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.replicas.get_mut(&volume))
+                {
+                    r.role = ReplicaRole::Secondary;
+                    r.suspended = false;
+                }
+                Ok(true)
+            }
             LocalAction::Resume { volume } => {
                 if let Some(r) = self
                     .nodes

@@ -24,10 +24,13 @@ pub enum VolumeAction {
     Demote,
     /// The volume epoch changed; refuse peers from older epochs.
     SetEpoch { epoch: Epoch },
-    /// Stop acknowledging writes (no quorum).
+    /// Stop acknowledging writes (no quorum): hold them until Resume or a demotion.
     Suspend,
     /// Acknowledge writes again.
     Resume,
+    /// This node was fenced: fail what is in flight (never acknowledged) and become
+    /// secondary now, without waiting for anyone.
+    StepDown,
 }
 
 /// The cluster asks a primary's node to record its peer as Outdated before the primary
@@ -111,6 +114,10 @@ impl VolumeDriver for MemoryDriver {
                 VolumeAction::SetEpoch { epoch } => r.epoch = epoch,
                 VolumeAction::Suspend => r.suspended = true,
                 VolumeAction::Resume => r.suspended = false,
+                VolumeAction::StepDown => {
+                    r.role = ReplicaRole::Secondary;
+                    r.suspended = false;
+                }
             }
             Ok(())
         })
