@@ -80,6 +80,10 @@ pub fn render(status: &ClusterStatus, latency: &[(String, LatencyHistogram)]) ->
         out,
         "# HELP tandem_volume_connected Whether the replica is connected to its peer.\n# TYPE tandem_volume_connected gauge"
     );
+    let _ = writeln!(
+        out,
+        "# HELP tandem_volume_io_suspended Whether the replica's I/O is suspended (no quorum, or waiting for fencing): writes are held, not acknowledged.\n# TYPE tandem_volume_io_suspended gauge"
+    );
     for v in &status.volumes {
         if let Some(p) = &v.primary {
             let _ = writeln!(
@@ -113,6 +117,11 @@ pub fn render(status: &ClusterStatus, latency: &[(String, LatencyHistogram)]) ->
                 out,
                 "tandem_volume_connected{{{labels}}} {}",
                 u8::from(report.connected)
+            );
+            let _ = writeln!(
+                out,
+                "tandem_volume_io_suspended{{{labels}}} {}",
+                u8::from(report.suspended)
             );
         }
     }
@@ -240,6 +249,7 @@ mod tests {
                         disk: DiskState::UpToDate,
                         role: ReplicaRole::Primary,
                         out_of_sync_bytes: 4096,
+                        suspended: true,
                         ..ReplicaReport::default()
                     }),
                 }],
@@ -260,6 +270,7 @@ mod tests {
             "tandem_volume_role{node=\"alpha\",volume=\"vol0\",replica=\"alpha\"} 1",
             "state=\"up_to_date\"} 1",
             "tandem_volume_out_of_sync_bytes{node=\"alpha\",volume=\"vol0\",replica=\"alpha\"} 4096",
+            "tandem_volume_io_suspended{node=\"alpha\",volume=\"vol0\",replica=\"alpha\"} 1",
             "tandem_failovers_total{node=\"alpha\"} 2",
             "tandem_fence_operations_total{node=\"alpha\"} 3",
             "tandem_write_latency_seconds_bucket{node=\"alpha\",volume=\"vol0\",le=\"0.01\"} 9",
