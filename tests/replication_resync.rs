@@ -36,6 +36,15 @@ fn initial_sync(a: &Replica, b: &Replica) {
     b.wait_for("initial sync", Duration::from_secs(60), |s| {
         is_conn(s, "connected") && s["disk"] == "up-to-date"
     });
+    // A link that came up before the core's first clock tick once looked silent since
+    // the epoch and was dropped at once.
+    for r in [a, b] {
+        assert!(
+            !r.log_text().contains("peer timed out"),
+            "a spurious ping timeout:\n{}",
+            r.log_text()
+        );
+    }
 }
 
 #[test]

@@ -231,6 +231,13 @@ impl Shell {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        // The core's clock starts at the first tick: give it the time before the link can
+        // come up, or a connection made in the first few milliseconds looks silent since
+        // the epoch and is dropped as "peer timed out".
+        let actions = self.core.step(Event::Tick {
+            now_ms: self.now_ms(),
+        });
+        self.run_actions(actions).await;
         if self.connector.is_some() {
             let actions = self.core.step(Event::Admin(Admin::Connect));
             self.run_actions(actions).await;
