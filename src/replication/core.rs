@@ -115,7 +115,8 @@ pub enum Admin {
     /// fenced by a newer epoch.
     StepDown,
     /// This primary lost quorum (DRBD's `on-no-quorum suspend-io`): acknowledge nothing
-    /// from now on — finished writes and flushes are held, new ones queue — until
+    /// from now on — finished writes and flushes are held, new ones queue, reads are
+    /// still served — until
     /// [`Admin::ResumeIo`] (the cluster confirmed this node is still the primary) or a
     /// step-down / newer epoch (they fail, unacknowledged).
     SuspendIo,

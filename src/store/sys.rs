@@ -125,7 +125,8 @@ impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr points to an allocation of layout.size() >= len initialised bytes
-        // (zeroed at birth, only written since, also while parked in the pool) that lives as long as self; &self prevents concurrent mutation.
+        // (zeroed at birth, only written since, also while parked in the pool) that
+        // lives as long as self; &self prevents concurrent mutation.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
