@@ -24,8 +24,18 @@ fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The daemon, killed when the test ends (also when it fails: nothing is left behind).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A one-node `tandem-dlmd` serving `dir/dlm.sock` (with the admin operations).
-fn start_daemon(tag: &str) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf) {
+fn start_daemon(tag: &str) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tandem-ctl-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -35,18 +45,20 @@ fn start_daemon(tag: &str) -> (std::process::Child, std::path::PathBuf, std::pat
         .local_addr()
         .unwrap()
         .port();
-    let daemon = Command::new(env!("CARGO_BIN_EXE_tandem-dlmd"))
-        .args([
-            "--id",
-            "1",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--socket",
-        ])
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_tandem-dlmd"))
+            .args([
+                "--id",
+                "1",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--socket",
+            ])
+            .arg(&socket)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let t0 = Instant::now();
     while !String::from_utf8_lossy(&ctl(&socket, &["locks"]).stdout).contains("(running)") {
         assert!(
@@ -60,7 +72,7 @@ fn start_daemon(tag: &str) -> (std::process::Child, std::path::PathBuf, std::pat
 
 #[test]
 fn a_lock_in_doubt_stops_the_command() {
-    let (mut daemon, dir, socket) = start_daemon("doubt");
+    let (daemon, dir, socket) = start_daemon("doubt");
     let marker = dir.join("still-running");
     // A command that ignores SIGTERM: the grace period ends in SIGKILL.
     let script = format!(
@@ -139,14 +151,13 @@ fn a_lock_in_doubt_stops_the_command() {
     assert_eq!(event.event, "quorum-regained");
     let out = ctl(&socket, &["lock", "ls", "guarded", "--", "true"]);
     assert!(out.status.success(), "{out:?}");
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
-    let (mut daemon, dir, socket) = start_daemon("lock");
+    let (daemon, dir, socket) = start_daemon("lock");
 
     // The command's exit status comes back.
     let out = ctl(
@@ -299,7 +310,6 @@ fn tandemctl_lock_holds_a_lock_while_the_command_runs() {
         assert!(t0.elapsed() < Duration::from_secs(5), "{status}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
