@@ -696,20 +696,21 @@ mod tests {
         let mut mine = report(DiskState::UpToDate, ReplicaRole::Primary, e).volumes;
         mine.get_mut("vol0").unwrap().resources_running = true;
         let (no_reports, none) = (BTreeMap::new(), BTreeSet::new());
-        let local = |s: &ClusterState, quorate| {
+        let local_with = |s: &ClusterState, quorate, replicas| {
             local_actions(LocalView {
                 me: A,
                 incarnation: INC,
                 now: Millis(0),
                 quorate,
                 state: s,
-                replicas: &mine,
+                replicas,
                 reports: &no_reports,
                 shared: &none,
                 fencing: &none,
                 resynced: &none,
             })
         };
+        let local = |s: &ClusterState, quorate| local_with(s, quorate, &mine);
         assert_eq!(
             local(&s, false),
             vec![LocalAction::Suspend {
@@ -720,18 +721,7 @@ mod tests {
         // acknowledges what it held (its log may be stale).
         let mut held = mine.clone();
         held.get_mut("vol0").unwrap().suspended = true;
-        let back = local_actions(LocalView {
-            me: A,
-            incarnation: INC,
-            now: Millis(0),
-            quorate: true,
-            state: &s,
-            replicas: &held,
-            reports: &no_reports,
-            shared: &none,
-            fencing: &none,
-            resynced: &none,
-        });
+        let back = local_with(&s, true, &held);
         assert_eq!(
             back[..2],
             [

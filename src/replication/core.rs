@@ -1499,6 +1499,11 @@ impl Replica {
         if was_suspended {
             out.push(Action::Notify(Notice::IoResumed));
         }
+        self.retry_completions(out);
+    }
+
+    /// A gate opened (fencing done, quorum back): complete what waited for it.
+    fn retry_completions(&mut self, out: &mut Vec<Action>) {
         let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
         for req in reqs {
             self.try_complete_write(req, out);
@@ -2686,14 +2691,7 @@ impl Replica {
                     if !self.is_suspended() {
                         out.push(Action::Notify(Notice::IoResumed));
                     }
-                    let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
-                    for req in reqs {
-                        self.try_complete_write(req, out);
-                    }
-                    let flushes: Vec<ReqId> = self.flushes.keys().copied().collect();
-                    for req in flushes {
-                        self.try_complete_flush(req, out);
-                    }
+                    self.retry_completions(out);
                     self.run_blocked(out);
                 }
             }

@@ -259,15 +259,8 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut quorum = client.quorum();
     // A client that connects while quorum is lost hears it at once.
-    if !*quorum.borrow_and_update()
-        && let Ok(text) = serde_json::to_string(&EventLine::quorum(false))
-    {
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'\n');
-        if wr.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
+    if !*quorum.borrow_and_update() {
+        quorum.mark_changed();
     }
     loop {
         tokio::select! {
@@ -279,32 +272,19 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
                     break;
                 }
             },
-            Some(text) = rx.recv() => {
-                out.extend_from_slice(text.as_bytes());
-                out.push(b'\n');
-            }
-            Some(b) = basts.recv() => {
-                let line = EventLine {
-                    event: "blocking".into(),
-                    lock: Some(b.lock.0),
-                    mode: Some(b.mode.name().into()),
-                };
-                if let Ok(text) = serde_json::to_string(&line) {
-                    out.extend_from_slice(text.as_bytes());
-                    out.push(b'\n');
-                }
-            }
+            Some(text) = rx.recv() => push_line(&mut out, &text),
+            Some(b) = basts.recv() => push_event(&mut out, &EventLine {
+                event: "blocking".into(),
+                lock: Some(b.lock.0),
+                mode: Some(b.mode.name().into()),
+            }),
             Ok(()) = quorum.changed() => {
                 let quorate = *quorum.borrow_and_update();
-                if let Ok(text) = serde_json::to_string(&EventLine::quorum(quorate)) {
-                    out.extend_from_slice(text.as_bytes());
-                    out.push(b'\n');
-                }
+                push_event(&mut out, &EventLine::quorum(quorate));
             }
         }
         while let Ok(text) = rx.try_recv() {
-            out.extend_from_slice(text.as_bytes());
-            out.push(b'\n');
+            push_line(&mut out, &text);
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
@@ -314,6 +294,17 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream, admin: bool) {
         }
     }
     drop(client);
+}
+
+fn push_line(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'\n');
+}
+
+fn push_event(out: &mut Vec<u8>, line: &EventLine) {
+    if let Ok(text) = serde_json::to_string(line) {
+        push_line(out, &text);
+    }
 }
 
 fn request_line(
@@ -553,13 +544,8 @@ impl SocketClient {
             })?;
         loop {
             let line = self
-                .reader
-                .next_line()
-                .await
-                .map_err(|source| DlmError::Io {
-                    what: "reading from the lock manager socket".into(),
-                    source,
-                })?
+                .read_line()
+                .await?
                 .ok_or_else(|| DlmError::ClientProtocol {
                     reason: "the lock manager closed the connection".into(),
                 })?;
@@ -580,6 +566,17 @@ impl SocketClient {
         }
     }
 
+    /// The next line from the lock manager; `None` once it closed the connection.
+    async fn read_line(&mut self) -> Result<Option<String>, DlmError> {
+        self.reader
+            .next_line()
+            .await
+            .map_err(|source| DlmError::Io {
+                what: "reading from the lock manager socket".into(),
+                source,
+            })
+    }
+
     /// Event lines received so far.
     pub fn take_events(&mut self) -> Vec<EventLine> {
         std::mem::take(&mut self.events)
@@ -592,15 +589,7 @@ impl SocketClient {
             return Ok(Some(self.events.remove(0)));
         }
         loop {
-            let Some(line) = self
-                .reader
-                .next_line()
-                .await
-                .map_err(|source| DlmError::Io {
-                    what: "reading from the lock manager socket".into(),
-                    source,
-                })?
-            else {
+            let Some(line) = self.read_line().await? else {
                 return Ok(None);
             };
             if let Ok(ev) = serde_json::from_str::<EventLine>(&line) {

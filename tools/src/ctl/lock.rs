@@ -80,6 +80,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs `tandemctl lock`; returns the exit code.
 pub fn run_lock(args: LockArgs, socket: Option<&Path>) -> anyhow::Result<i32> {
+    // Bad arguments are refused before anything is locked or started.
+    let timeout = args
+        .timeout
+        .map(|secs| seconds("--timeout", secs))
+        .transpose()?;
+    let grace = seconds("--grace", args.grace)?;
     let path = socket_path(socket);
     let rt = runtime()?;
     let mut client = rt.block_on(SocketClient::connect(&path))?;
@@ -94,25 +100,20 @@ pub fn run_lock(args: LockArgs, socket: Option<&Path>) -> anyhow::Result<i32> {
         mode: args.mode.name().to_owned(),
         flags,
     });
-    let response = match args.timeout {
+    let response = match timeout {
         None => rt.block_on(request)?,
-        Some(secs) => {
-            if !secs.is_finite() || secs < 0.0 {
-                bail!("--timeout {secs} is not a number of seconds");
+        Some(limit) => match rt.block_on(async { tokio::time::timeout(limit, request).await }) {
+            Ok(r) => r?,
+            Err(_) => {
+                eprintln!(
+                    "tandemctl: {}/{} not granted within {} s",
+                    args.lockspace,
+                    args.name,
+                    limit.as_secs_f64()
+                );
+                return Ok(1);
             }
-            match rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs_f64(secs), request).await
-            }) {
-                Ok(r) => r?,
-                Err(_) => {
-                    eprintln!(
-                        "tandemctl: {}/{} not granted within {secs} s",
-                        args.lockspace, args.name
-                    );
-                    return Ok(1);
-                }
-            }
-        }
+        },
     };
     match response.status.as_deref() {
         Some("granted") => {}
@@ -141,7 +142,7 @@ pub fn run_lock(args: LockArgs, socket: Option<&Path>) -> anyhow::Result<i32> {
             return Err(e);
         }
     };
-    let code = match rt.block_on(watch(child, &mut client, grace(args.grace)?)) {
+    let code = match rt.block_on(watch(child, &mut client, grace)) {
         Watched::Exited(status) => exit_code(status?),
         Watched::Lost { reason, status } => {
             eprintln!(
@@ -160,9 +161,10 @@ pub fn run_lock(args: LockArgs, socket: Option<&Path>) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-fn grace(secs: f64) -> anyhow::Result<Duration> {
+/// A duration given in seconds on the command line (`flag` names it in the error).
+fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
     if !secs.is_finite() || secs < 0.0 {
-        bail!("--grace {secs} is not a number of seconds");
+        bail!("{flag} {secs} is not a number of seconds");
     }
     Ok(Duration::from_secs_f64(secs))
 }
