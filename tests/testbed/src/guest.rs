@@ -134,6 +134,7 @@ pub struct Guest {
     deadline: Instant,
     timeout: Duration,
     qmp_path: PathBuf,
+    out_dir: Option<PathBuf>,
 }
 
 /// What a finished guest left behind.
@@ -310,7 +311,30 @@ impl Guest {
             deadline: Instant::now() + spec.timeout,
             timeout: spec.timeout,
             qmp_path,
+            out_dir: spec.out_dir.clone(),
         })
+    }
+
+    /// The last `lines` lines of a file the guest wrote into its `/out` share (read on the
+    /// host, so it works while the guest runs and after it died), for failure messages.
+    pub fn out_file_tail(&self, file: &str, lines: usize) -> String {
+        let Some(dir) = &self.out_dir else {
+            return format!("(guest `{}` has no /out share)", self.name);
+        };
+        let path = dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                let start = all.len().saturating_sub(lines);
+                format!(
+                    "{} (last {} lines):\n{}",
+                    path.display(),
+                    all.len() - start,
+                    all[start..].join("\n")
+                )
+            }
+            Err(e) => format!("{}: {e}", path.display()),
+        }
     }
 
     /// The guest's name.
@@ -479,6 +503,23 @@ impl Drop for Guest {
 fn name_byte(name: &str) -> u8 {
     name.bytes()
         .fold(0u8, |acc, b| acc.wrapping_mul(31).wrapping_add(b))
+}
+
+/// What a failed multi-guest test prints: each guest's console and the tail of the log it
+/// writes to `/out/<log_file>`, in the order given (the guest that failed first).
+pub fn failure_report(log_file: &str, guests: &[&Guest]) -> String {
+    guests
+        .iter()
+        .map(|g| {
+            format!(
+                "--- {} console:\n{}\n--- {} {}\n",
+                g.name(),
+                g.console(),
+                g.name(),
+                g.out_file_tail(log_file, 80)
+            )
+        })
+        .collect()
 }
 
 /// Boots one guest that runs `spec`, waits for it, and returns its outcome.

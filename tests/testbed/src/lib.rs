@@ -24,7 +24,7 @@ mod kernel;
 mod net;
 
 pub use error::TestbedError;
-pub use guest::{Disk, Guest, GuestOutcome, GuestSpec, IscsiLun, run};
+pub use guest::{Disk, Guest, GuestOutcome, GuestSpec, IscsiLun, failure_report, run};
 pub use kernel::{GuestKernel, cache_dir};
 pub use net::{Nic, NicBackend, free_tcp_port, wait_for_listener};
 
