@@ -41,6 +41,35 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ReqId(pub u64);
 
+impl ReqId {
+    /// Ids with this bit are the core's own: the pieces of a split trim. The shell numbers
+    /// application requests from 1 up and never gets there.
+    const TRIM_PIECE: u64 = 1 << 63;
+
+    fn is_trim_piece(self) -> bool {
+        self.0 & Self::TRIM_PIECE != 0
+    }
+}
+
+/// A trim wider than [`TRIM_SPLIT_EXTENTS`] activity-log extents, run in extent-aligned
+/// pieces (at most [`TRIM_PIECE_WINDOW`] at once) and completed once, as one request: it
+/// never needs more of the activity log than a write does. `mkfs.ext4` discards a whole
+/// device, NBD allows 4 GiB in one request, and a trim pinning every extent it covers at
+/// once could never fit in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SplitTrim {
+    next: u64,
+    end: u64,
+    zeroes: bool,
+    in_flight: u32,
+    failure: Option<IoFailure>,
+}
+
+/// A trim touching more extents than this is split.
+const TRIM_SPLIT_EXTENTS: usize = 2;
+/// Pieces of one trim in flight at once.
+const TRIM_PIECE_WINDOW: u32 = 4;
+
 /// What a local disk operation belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IoTag {
@@ -530,6 +559,9 @@ enum BlockedOp {
     },
     /// A flush that arrived while application I/O was held (see `holds_app_io`).
     Flush { req: ReqId },
+    /// A trim split into pieces ([`SplitTrim`]): it keeps its place in the queue until its
+    /// last piece has started, so that a later request overlapping it waits for it.
+    SplitTrim { req: ReqId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -648,6 +680,11 @@ pub struct Replica {
     last_barrier_ms: u64,
     flushes: BTreeMap<ReqId, FlushState>,
     blocked: VecDeque<BlockedOp>,
+    /// Trims wider than the activity log allows in one piece, by the application's id.
+    split_trims: BTreeMap<ReqId, SplitTrim>,
+    /// The pieces of those trims in flight: piece id -> the trim's id.
+    trim_pieces: BTreeMap<ReqId, ReqId>,
+    next_trim_piece: u64,
     reads: BTreeMap<ReqId, (u64, u64)>,
     peer_reads: BTreeSet<ReqId>,
     next_seq: u64,
@@ -758,6 +795,9 @@ impl Replica {
             unconfirmed: BTreeMap::new(),
             flushes: BTreeMap::new(),
             blocked: VecDeque::new(),
+            split_trims: BTreeMap::new(),
+            trim_pieces: BTreeMap::new(),
+            next_trim_piece: 0,
             reads: BTreeMap::new(),
             peer_reads: BTreeSet::new(),
             next_seq: 1,
@@ -929,6 +969,22 @@ impl Replica {
         if self.role == Role::Secondary && !self.writes.is_empty() {
             return Err("a secondary has application writes in flight".into());
         }
+        if self.al.extents().len() > usize::try_from(self.al.capacity()).unwrap_or(usize::MAX) {
+            return Err(format!(
+                "activity log holds {} extents, more than its {}",
+                self.al.extents().len(),
+                self.al.capacity()
+            ));
+        }
+        if let Some((piece, trim)) = self
+            .trim_pieces
+            .iter()
+            .find(|(_, trim)| !self.split_trims.contains_key(trim))
+        {
+            return Err(format!(
+                "trim piece {piece:?} of {trim:?}, which is not in flight"
+            ));
+        }
         Ok(())
     }
 
@@ -1039,7 +1095,116 @@ impl Replica {
             }
             Event::Admin(cmd) => self.on_admin(cmd, &mut out),
         }
+        if !self.trim_pieces.is_empty() {
+            self.settle_trim_pieces(&mut out);
+        }
         out
+    }
+
+    /// Turns the completions of trim pieces into progress of their trims: the next pieces
+    /// start, and the trim completes when its last piece has (the pieces' own completions
+    /// never reach the shell).
+    fn settle_trim_pieces(&mut self, out: &mut Vec<Action>) {
+        let mut i = 0;
+        while i < out.len() {
+            let parent = match &out[i] {
+                Action::Complete { req, .. } => self.trim_pieces.remove(req),
+                _ => None,
+            };
+            let Some(parent) = parent else {
+                i += 1;
+                continue;
+            };
+            let Action::Complete { result, .. } = out.remove(i) else {
+                unreachable!("matched above");
+            };
+            if let Some(trim) = self.split_trims.get_mut(&parent) {
+                trim.in_flight = trim.in_flight.saturating_sub(1);
+                if let Err(failure) = result {
+                    self.fail_split_trim(parent, failure, out);
+                }
+            }
+            self.finish_split_trim(parent, out);
+            // More pieces may start now; new actions go to the end, the loop reaches them.
+            self.run_blocked(out);
+        }
+    }
+
+    /// A piece of trim `req` failed (or it cannot go on): no further piece starts.
+    fn fail_split_trim(&mut self, req: ReqId, failure: IoFailure, out: &mut Vec<Action>) {
+        if let Some(trim) = self.split_trims.get_mut(&req) {
+            trim.failure.get_or_insert(failure);
+        }
+        self.blocked
+            .retain(|op| !matches!(op, BlockedOp::SplitTrim { req: r } if *r == req));
+        self.finish_split_trim(req, out);
+    }
+
+    /// Completes trim `req` once no piece is left to start or in flight.
+    fn finish_split_trim(&mut self, req: ReqId, out: &mut Vec<Action>) {
+        let Some(trim) = self.split_trims.get_mut(&req) else {
+            return;
+        };
+        if trim.in_flight > 0 || (trim.failure.is_none() && trim.next < trim.end) {
+            return;
+        }
+        let failure = trim.failure.take();
+        self.split_trims.remove(&req);
+        out.push(Action::Complete {
+            req,
+            result: failure.map_or(Ok(None), Err),
+        });
+    }
+
+    /// Starts the next piece of trim `req` if it can start now; false if it must wait.
+    /// Called for the trim at the front of the blocked queue.
+    fn start_trim_piece(&mut self, req: ReqId, out: &mut Vec<Action>) -> bool {
+        let extent = self.al.extent_bytes();
+        let Some(trim) = self.split_trims.get(&req) else {
+            self.blocked
+                .retain(|op| !matches!(op, BlockedOp::SplitTrim { req: r } if *r == req));
+            return true;
+        };
+        if trim.in_flight >= TRIM_PIECE_WINDOW {
+            return false;
+        }
+        let offset = trim.next;
+        let end = (offset / extent + 1).saturating_mul(extent).min(trim.end);
+        let kind = WriteKind::Trim {
+            zeroes: trim.zeroes,
+        };
+        if self.role != Role::Primary {
+            self.fail_split_trim(
+                req,
+                IoFailure::Refused("the volume was demoted".into()),
+                out,
+            );
+            return true;
+        }
+        if self.disk == DiskState::Diskless && !self.replicating() {
+            let failure = IoFailure::Io("no local disk and no connected peer disk".into());
+            self.fail_split_trim(req, failure, out);
+            return true;
+        }
+        if self.write_conflicts(offset, end - offset) || !self.al_admits(offset, end - offset, out)
+        {
+            return false;
+        }
+        let piece = ReqId(ReqId::TRIM_PIECE | self.next_trim_piece);
+        self.next_trim_piece = (self.next_trim_piece + 1) & !ReqId::TRIM_PIECE;
+        self.trim_pieces.insert(piece, req);
+        if let Some(trim) = self.split_trims.get_mut(&req) {
+            trim.next = end;
+            trim.in_flight += 1;
+            if trim.next >= trim.end {
+                // The last piece: the trim leaves the queue; later requests that overlap
+                // it now wait for its pieces like for any write in flight.
+                self.blocked
+                    .retain(|op| !matches!(op, BlockedOp::SplitTrim { req: r } if *r == req));
+            }
+        }
+        self.start_write(piece, offset, end - offset, kind, out);
+        true
     }
 
     // ----- time -----
@@ -1188,6 +1353,38 @@ impl Replica {
                 out,
             );
         }
+        if req.is_trim_piece() {
+            return refuse(format!("request id {} is out of range", req.0), out);
+        }
+        if let WriteKind::Trim { zeroes } = kind
+            && self.al.extents_of(offset, len).len() > TRIM_SPLIT_EXTENTS
+        {
+            self.stats.app_writes += 1;
+            self.stats.app_write_bytes += len;
+            self.split_trims.insert(
+                req,
+                SplitTrim {
+                    next: offset,
+                    end: offset + len,
+                    zeroes,
+                    in_flight: 0,
+                    failure: None,
+                },
+            );
+            self.blocked.push_back(BlockedOp::SplitTrim { req });
+            self.run_blocked(out);
+            return;
+        }
+        if self.disk != DiskState::Diskless && !self.al.could_ever_hold(offset, len) {
+            return refuse(
+                format!(
+                    "a write of {len} bytes at {offset} spans more extents than the activity \
+                     log's {} (raise al_extents)",
+                    self.al.capacity()
+                ),
+                out,
+            );
+        }
         if self.disk == DiskState::Diskless && !self.replicating() {
             out.push(Action::Complete {
                 req,
@@ -1200,7 +1397,11 @@ impl Replica {
         self.stats.app_writes += 1;
         self.stats.app_write_bytes += len;
         self.app_window_bytes += len;
-        if self.holds_app_io() || !self.blocked.is_empty() || self.write_conflicts(offset, len) {
+        if self.holds_app_io()
+            || !self.blocked.is_empty()
+            || self.write_conflicts(offset, len)
+            || !self.al_admits(offset, len, out)
+        {
             self.blocked.push_back(BlockedOp::Write {
                 req,
                 offset,
@@ -1223,6 +1424,20 @@ impl Replica {
     /// Without quorum nothing new starts either (it could not be acknowledged).
     fn holds_app_io(&self) -> bool {
         self.role == Role::Primary && (self.conn == ConnState::WfBitmap || self.quorum_hold)
+    }
+
+    /// Has the activity log room for a write to this range now? If not, the write waits
+    /// until pinned extents go idle, and the current epoch is closed at once: the peer's
+    /// BarrierAck is what releases the extents of writes it has not confirmed as durable.
+    /// (Writes pinned only by their own local I/O release theirs when they complete.)
+    fn al_admits(&mut self, offset: u64, len: u64, out: &mut Vec<Action>) -> bool {
+        if self.disk == DiskState::Diskless || self.al.has_room_for(offset, len) {
+            return true;
+        }
+        if self.replicating() && self.epoch_writes > 0 {
+            self.send_barrier(out);
+        }
+        false
     }
 
     /// Must this write wait: it overlaps a write whose local part is not done, a write
@@ -1257,7 +1472,24 @@ impl Replica {
         out: &mut Vec<Action>,
     ) {
         let has_disk = self.disk != DiskState::Diskless;
-        if has_disk && let Some(change) = self.al.begin(offset, len) {
+        let al_change = if has_disk {
+            // Admitted by `al_admits` (or the range is hot already): there is room.
+            match self.al.begin(offset, len) {
+                Ok(change) => change,
+                Err(_) => {
+                    self.blocked.push_front(BlockedOp::Write {
+                        req,
+                        offset,
+                        len,
+                        kind,
+                    });
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(change) = al_change {
             if !change.evicted.is_empty() {
                 let blocks = Self::bitmap_blocks(&mut self.bitmap);
                 if !blocks.is_empty() {
@@ -1335,8 +1567,9 @@ impl Replica {
             },
         );
         if pin_al {
-            // A second reference, dropped when the peer confirms durability.
-            self.al.begin(offset, len);
+            // A second reference, dropped when the peer confirms durability. The range is
+            // pinned by the write itself, so this never needs room.
+            let _already_hot = self.al.begin(offset, len);
         }
         self.epoch_writes += 1;
         let msg = match kind {
@@ -1590,7 +1823,7 @@ impl Replica {
                     len,
                     kind,
                 } => {
-                    if self.write_conflicts(offset, len) {
+                    if self.write_conflicts(offset, len) || !self.al_admits(offset, len, out) {
                         break;
                     }
                     self.blocked.pop_front();
@@ -1606,6 +1839,11 @@ impl Replica {
                 BlockedOp::Flush { req } => {
                     self.blocked.pop_front();
                     self.start_flush(req, out);
+                }
+                BlockedOp::SplitTrim { req } => {
+                    if !self.start_trim_piece(req, out) {
+                        break;
+                    }
                 }
             }
         }
@@ -2100,6 +2338,7 @@ impl Replica {
                     if u.al_pinned {
                         self.al.end(u.offset, u.len);
                     }
+                    self.run_blocked(out);
                 }
                 if let Some(req) = self.by_seq.remove(&seq)
                     && let Some(w) = self.writes.get_mut(&req)
@@ -2133,6 +2372,8 @@ impl Replica {
                         self.al.end(u.offset, u.len);
                     }
                 }
+                // Writes waiting for room in the activity log may start now.
+                self.run_blocked(out);
                 for f in self.flushes.values_mut() {
                     if let Some(b) = f.barrier
                         && b <= number
@@ -2272,11 +2513,17 @@ impl Replica {
             });
         }
         for op in std::mem::take(&mut self.blocked) {
-            let (BlockedOp::Write { req, .. } | BlockedOp::Flush { req }) = op;
-            out.push(Action::Complete {
-                req,
-                result: Err(IoFailure::Refused("fenced".into())),
-            });
+            match op {
+                BlockedOp::Write { req, .. } | BlockedOp::Flush { req } => {
+                    out.push(Action::Complete {
+                        req,
+                        result: Err(IoFailure::Refused("fenced".into())),
+                    });
+                }
+                BlockedOp::SplitTrim { req } => {
+                    self.fail_split_trim(req, IoFailure::Refused("fenced".into()), out);
+                }
+            }
         }
         self.by_seq.clear();
         self.md.flags.outdated = true;
@@ -2894,11 +3141,15 @@ impl Replica {
         if self.role == Role::Secondary {
             return;
         }
-        if !self.writes.is_empty() || !self.flushes.is_empty() || !self.blocked.is_empty() {
+        if !self.writes.is_empty()
+            || !self.flushes.is_empty()
+            || !self.blocked.is_empty()
+            || !self.split_trims.is_empty()
+        {
             out.push(Action::Notify(Notice::Refused {
                 reason: format!(
                     "demote refused: {} writes in flight (close the frontend first)",
-                    self.writes.len() + self.blocked.len()
+                    self.writes.len() + self.blocked.len() + self.split_trims.len()
                 ),
             }));
             return;

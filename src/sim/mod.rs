@@ -39,6 +39,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 /// Simulated block size (one token per block).
 pub const BLOCK: u64 = 4096;
+/// Activity-log extents per replica (the superblock's `al_extents`): few, so that the
+/// log fills up often.
+const AL_CAPACITY: u32 = 4;
 
 /// A small deterministic RNG (splitmix64).
 #[derive(Debug, Clone)]
@@ -245,6 +248,8 @@ pub struct SimReport {
     pub seed: u64,
     pub acked_writes: u64,
     pub failed_writes: u64,
+    /// Acknowledged discards and write-zeroes (some wider than the activity log).
+    pub acked_trims: u64,
     pub flushes: u64,
     pub crashes: u64,
     pub partitions: u64,
@@ -296,7 +301,15 @@ pub struct Sim {
 
 #[derive(Debug, Clone)]
 enum AppKind {
-    Write { offset_block: u64, tokens: Vec<u64> },
+    Write {
+        offset_block: u64,
+        tokens: Vec<u64>,
+    },
+    /// `positions`: each block's place in the oracle's history.
+    Trim {
+        offset_block: u64,
+        positions: Vec<usize>,
+    },
     Flush,
     Read,
 }
@@ -397,7 +410,7 @@ impl Sim {
             bitmap,
             al_extents: md.al.clone(),
             al_extent_bytes: 16 * BLOCK,
-            al_capacity: 4,
+            al_capacity: AL_CAPACITY,
             diskless: false,
         };
         let seed = self.rng.next_u64();
@@ -615,6 +628,15 @@ impl Sim {
             }
             Action::PersistSuperblock(md) => self.nodes[node].md.md = md,
             Action::PersistAl { extents } => {
+                // Through the real on-disk encoder and its limit: a transaction the
+                // metadata store refuses would detach a healthy disk as failed.
+                if let Err(e) = crate::store::metadata::encode_al_block(0, &extents, AL_CAPACITY) {
+                    panic!(
+                        "seed {}: node {node}'s activity-log transaction is refused by the \
+                         metadata store ({e}); its disk would be detached as failed",
+                        self.report.seed
+                    );
+                }
                 let n = &mut self.nodes[node];
                 n.disk.flush();
                 n.md.al = extents;
@@ -708,6 +730,15 @@ impl Sim {
                     self.report.failed_writes += 1;
                 }
             }
+            AppKind::Trim {
+                offset_block,
+                positions,
+            } => {
+                if ok {
+                    self.report.acked_trims += 1;
+                    self.oracle.acked_trim(offset_block, &positions);
+                }
+            }
             AppKind::Flush => {
                 if ok {
                     self.report.flushes += 1;
@@ -726,6 +757,9 @@ impl Sim {
 
     fn app_write(&mut self) {
         let Some(p) = self.primary() else { return };
+        if self.rng.chance(12) {
+            return self.app_trim(p);
+        }
         let blocks = 1 + self.rng.below(4);
         let start = self.rng.below(self.cfg.blocks - blocks + 1);
         let tokens: Vec<u64> = (0..blocks)
@@ -757,6 +791,41 @@ impl Sim {
                 offset: start * BLOCK,
                 len: blocks * BLOCK,
                 fua,
+            },
+        );
+    }
+
+    /// A discard or write-zeroes: mostly small, sometimes of a large part of the volume
+    /// (mkfs discards the whole device), wider than the activity log.
+    fn app_trim(&mut self, p: usize) {
+        let blocks = if self.rng.chance(30) {
+            1 + self.rng.below(self.cfg.blocks)
+        } else {
+            1 + self.rng.below(4)
+        };
+        let start = self.rng.below(self.cfg.blocks - blocks + 1);
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        let zeroes = self.rng.chance(50);
+        tracing::trace!(node = p, ?req, start, blocks, zeroes, "app trim");
+        let positions = self.oracle.trim_submitted(start, blocks);
+        self.pending_app.insert(
+            req,
+            (
+                p,
+                AppKind::Trim {
+                    offset_block: start,
+                    positions,
+                },
+            ),
+        );
+        self.step_node(
+            p,
+            Event::AppTrim {
+                req,
+                offset: start * BLOCK,
+                len: blocks * BLOCK,
+                zeroes,
             },
         );
     }

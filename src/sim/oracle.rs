@@ -4,6 +4,10 @@
 //! in submission order and the index of the newest acknowledged one: a disk may hold that
 //! token or any later one (a later write may have landed without being acknowledged), but
 //! never an older one. It never assumes a failed or unanswered write is absent.
+//!
+//! A trim (discard or write-zeroes) is a write of zeroes: token 0 in a block's history, at
+//! its own position, so a block may read as zero only if a trim is at or after the newest
+//! acknowledged write there (or nothing was acknowledged).
 
 use crate::replication::core::ReqId;
 use std::collections::HashMap;
@@ -45,6 +49,31 @@ impl Oracle {
         }
     }
 
+    /// A trim of `blocks` blocks from `block` was submitted; returns each block's
+    /// position in its history, for [`Oracle::acked_trim`].
+    pub fn trim_submitted(&mut self, block: u64, blocks: u64) -> Vec<usize> {
+        (block..block + blocks)
+            .map(|b| {
+                let h = &mut self.history[Self::slot(b)];
+                h.push(0);
+                h.len() - 1
+            })
+            .collect()
+    }
+
+    /// That trim was acknowledged.
+    pub fn acked_trim(&mut self, block: u64, positions: &[usize]) {
+        for (b, &idx) in (block..).zip(positions) {
+            let a = &mut self.acked[Self::slot(b)];
+            *a = Some(a.map_or(idx, |x| x.max(idx)));
+        }
+    }
+
+    /// Does `block` hold zeroes from a trim at or after history position `min`?
+    fn trimmed_since(&self, block: u64, min: usize) -> bool {
+        self.history[Self::slot(block)][min..].contains(&0)
+    }
+
     /// That write was acknowledged.
     pub fn acked(&mut self, block: u64, tokens: &[u64]) {
         for t in tokens {
@@ -82,6 +111,9 @@ impl Oracle {
         let Some(min) = self.acked[Self::slot(block)] else {
             return Ok(());
         };
+        if token == 0 && self.trimmed_since(block, min) {
+            return Ok(());
+        }
         match self.index_of.get(&token) {
             Some(&(b, idx)) if b == block && idx >= min => Ok(()),
             _ => Err(format!(
@@ -96,6 +128,9 @@ impl Oracle {
         let Some(min) = self.flushed[node][Self::slot(block)] else {
             return Ok(());
         };
+        if token == 0 && self.trimmed_since(block, min) {
+            return Ok(());
+        }
         match self.index_of.get(&token) {
             Some(&(b, idx)) if b == block && idx >= min => Ok(()),
             _ => Err(format!(

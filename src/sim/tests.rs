@@ -29,6 +29,7 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         let report = run(seed, cfg.clone())
             .unwrap_or_else(|e| panic!("{e}\nreplay with TANDEM_SEED={seed}"));
         total.acked_writes += report.acked_writes;
+        total.acked_trims += report.acked_trims;
         total.crashes += report.crashes;
         total.failovers += report.failovers;
         total.resyncs += report.resyncs;
@@ -51,6 +52,7 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     // The runs must have exercised what they claim to test.
     assert!(total.acked_writes > 100, "{total:?}");
     assert!(total.flushes > 10, "{total:?}");
+    assert!(total.acked_trims > 0, "{total:?}");
     eprintln!("{total:?}");
     total
 }

@@ -204,6 +204,42 @@ impl Superblock {
     }
 }
 
+/// An activity-log transaction listing more extents than the log may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{extents} activity-log extents exceed the log's {capacity}")]
+pub struct AlTooLarge {
+    pub extents: usize,
+    pub capacity: u32,
+}
+
+/// One on-disk activity-log transaction: `extents` (at most `capacity`, the superblock's
+/// `al_extents`, and never more than fit a block) under sequence number `seq`, crc'd.
+/// The simulator writes its transactions through this too, so it enforces the same limit.
+pub fn encode_al_block(
+    seq: u64,
+    extents: &[u32],
+    capacity: u32,
+) -> std::result::Result<[u8; MD_BLOCK_USIZE], AlTooLarge> {
+    let too_large = AlTooLarge {
+        extents: extents.len(),
+        capacity,
+    };
+    let count = u32::try_from(extents.len())
+        .ok()
+        .filter(|&c| c <= capacity.min(MAX_EXTENTS))
+        .ok_or(too_large)?;
+    let mut b = [0u8; MD_BLOCK_USIZE];
+    put32(&mut b, 0, AL_MAGIC);
+    put32(&mut b, 4, count);
+    put64(&mut b, 8, seq);
+    for (i, e) in extents.iter().enumerate() {
+        put32(&mut b, 16 + 4 * i, *e);
+    }
+    let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+    put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+    Ok(b)
+}
+
 fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -533,25 +569,16 @@ impl MetadataFile {
         Ok(())
     }
 
-    /// Writes one activity-log transaction listing `extents` (the complete hot set).
+    /// Writes one activity-log transaction listing `extents` (the complete hot set), at
+    /// most the superblock's `al_extents` of them.
     pub fn write_al(&mut self, extents: &[u32]) -> Result<()> {
-        let mut b = [0u8; MD_BLOCK_USIZE];
-        let count = u32::try_from(extents.len())
-            .ok()
-            .filter(|&c| c <= MAX_EXTENTS)
-            .ok_or_else(|| TandemError::BadMetadata {
-                path: self.path.clone(),
-                reason: format!("{} activity-log extents exceed the maximum", extents.len()),
-            })?;
         let seq = self.al_seq + 1;
-        put32(&mut b, 0, AL_MAGIC);
-        put32(&mut b, 4, count);
-        put64(&mut b, 8, seq);
-        for (i, e) in extents.iter().enumerate() {
-            put32(&mut b, 16 + 4 * i, *e);
-        }
-        let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
-        put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+        let b = encode_al_block(seq, extents, self.sb.al_extents).map_err(|e| {
+            TandemError::BadMetadata {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let slot = seq % u64::from(self.layout.al_slots);
         self.write_block(self.layout.al_slot(slot), &b)?;
         self.al_seq = seq;

@@ -11,7 +11,7 @@ use crate::replication::types::GenerationIds;
 const SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
-fn persisted(current: u64) -> Persisted {
+fn persisted(current: u64, size: u64, al_capacity: u32) -> Persisted {
     Persisted {
         md: MdState {
             generations: GenerationIds {
@@ -25,10 +25,10 @@ fn persisted(current: u64) -> Persisted {
             epoch: Epoch(1),
             primary_since_ms: 0,
         },
-        bitmap: Bitmap::new(SIZE, 4096),
+        bitmap: Bitmap::new(size, 4096),
         al_extents: vec![],
         al_extent_bytes: 1 << 20,
-        al_capacity: 8,
+        al_capacity,
         diskless: false,
     }
 }
@@ -48,15 +48,22 @@ struct Pair {
     notices: [Vec<Notice>; 2],
     next_payload: u64,
     now_ms: u64,
+    /// The most extents any `PersistAl` of node `i` listed.
+    largest_al: [usize; 2],
 }
 
 impl Pair {
     fn new() -> Self {
+        Self::with(SIZE, 8)
+    }
+
+    /// A pair on a volume of `size` bytes with activity logs of `al_capacity` 1 MiB extents.
+    fn with(size: u64, al_capacity: u32) -> Self {
         let replica = |node: u32| {
-            let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(node), SIZE);
+            let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(node), size);
             cfg.block_bytes = BLOCK;
             cfg.fencing = FencingPolicy::ResourceAndStonith;
-            Replica::new(cfg, persisted(7), u64::from(node)).0
+            Replica::new(cfg, persisted(7, size, al_capacity), u64::from(node)).0
         };
         let mut p = Self {
             r: [replica(1), replica(2)],
@@ -68,6 +75,7 @@ impl Pair {
             notices: Default::default(),
             next_payload: 1,
             now_ms: 0,
+            largest_al: [0; 2],
         };
         p.step(0, Event::Admin(Admin::Connect));
         p.step(1, Event::Admin(Admin::Connect));
@@ -123,6 +131,9 @@ impl Pair {
                     self.completed.push((node, req, result.is_ok()));
                 }
                 Action::OutdatePeer { request } => self.fence_asked[node].push(request),
+                Action::PersistAl { extents } => {
+                    self.largest_al[node] = self.largest_al[node].max(extents.len());
+                }
                 Action::Disconnect { .. } => self.link_down(Some(node)),
                 Action::Notify(n) => self.notices[node].push(n),
                 _ => {}
@@ -413,4 +424,131 @@ fn a_flush_waiting_for_the_fencing_hook_completes_through_the_reconnected_peer()
     p.run_for(2_000, false);
     p.assert_in_sync();
     assert_eq!(p.fence_asked[0].len(), 0);
+}
+
+/// Hole: a full activity log grew instead of waiting. With every extent pinned (written,
+/// not yet confirmed by a BarrierAck), a write to a new extent made the log list more
+/// extents than its capacity; on a real disk the transaction was refused ("activity-log
+/// extents exceed the maximum") and the disk detached as failed. Now the write waits, the
+/// epoch is closed at once so that the peer's BarrierAck frees the extents, and the write
+/// then runs.
+#[test]
+fn a_full_activity_log_makes_writes_wait_and_frees_itself_through_a_barrier() {
+    const MIB: u64 = 1 << 20;
+    let mut p = Pair::with(64 * MIB, 4);
+    // Four writes fill the log (one extent each); their peer acks arrive, but no barrier
+    // was closed yet, so the extents stay pinned.
+    for extent in 0..4 {
+        p.step(
+            0,
+            Event::AppWrite {
+                req: ReqId(extent + 1),
+                offset: extent * MIB,
+                len: BLOCK,
+                fua: false,
+            },
+        );
+    }
+    p.settle();
+    for req in 1..=4 {
+        assert_eq!(p.result_of(ReqId(req)), Some(true));
+    }
+    let fifth = ReqId(5);
+    let actions = p.r[0].step(Event::AppWrite {
+        req: fifth,
+        offset: 10 * MIB,
+        len: BLOCK,
+        fua: false,
+    });
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::LocalWrite { tag: IoTag::App(r), .. } if *r == fifth)),
+        "a write to a fifth extent started with four pinned: {actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                msg: Msg::Barrier { .. },
+                ..
+            }
+        )),
+        "a full log closes the epoch at once (the BarrierAck frees the extents): {actions:?}"
+    );
+    p.run(0, actions);
+    p.settle();
+    assert_eq!(
+        p.result_of(fifth),
+        Some(true),
+        "the write ran once room was made"
+    );
+    assert!(
+        p.largest_al[0] <= 4,
+        "a transaction listed {} extents",
+        p.largest_al[0]
+    );
+    p.r[0].check_invariants().unwrap();
+}
+
+/// Random writes over a volume far larger than the log, many in flight: every one
+/// completes, no transaction outgrows the log, and waiting never deadlocks.
+#[test]
+fn random_writes_over_a_large_volume_never_outgrow_the_log() {
+    const MIB: u64 = 1 << 20;
+    let mut p = Pair::with(256 * MIB, 3);
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    for req in 1..=400u64 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let block = rng % (256 * MIB / BLOCK);
+        p.write(req, block);
+        if req % 16 == 0 {
+            p.settle();
+        }
+    }
+    p.run_for(1_000, true);
+    for req in 1..=400 {
+        assert_eq!(p.result_of(ReqId(req)), Some(true), "write {req}");
+    }
+    assert!(
+        p.largest_al[0] <= 3,
+        "a transaction listed {} extents",
+        p.largest_al[0]
+    );
+    p.assert_in_sync();
+}
+
+/// A discard of the whole volume (mkfs.ext4 sends one; NBD allows up to 4 GiB in one
+/// request) spans far more extents than the log holds: it runs in extent-sized pieces
+/// and completes once, as one request.
+#[test]
+fn a_trim_wider_than_the_activity_log_runs_in_pieces_and_completes_once() {
+    const MIB: u64 = 1 << 20;
+    let mut p = Pair::with(64 * MIB, 4);
+    let req = ReqId(1);
+    p.step(
+        0,
+        Event::AppTrim {
+            req,
+            offset: 0,
+            len: 64 * MIB - 4096,
+            zeroes: false,
+        },
+    );
+    p.run_for(1_000, true);
+    let completions: Vec<_> = p.completed.iter().filter(|(n, _, _)| *n == 0).collect();
+    assert_eq!(
+        completions,
+        vec![&(0, req, true)],
+        "one completion, of the request itself"
+    );
+    assert!(
+        p.largest_al[0] <= 4,
+        "a transaction listed {} extents",
+        p.largest_al[0]
+    );
+    assert_eq!(p.r[0].disk(), DiskState::UpToDate);
+    p.assert_in_sync();
 }
