@@ -393,6 +393,7 @@ fn ensure_backing(
         crate::replication::types::VolumeId::from_name(&volume.name),
         crate::replication::types::NodeId(u32::try_from(node_id.0).unwrap_or(u32::MAX)),
     );
+    params.al_extents = volume.al_extents;
     let (file_size, md_path) = match metadata {
         Some(md) => {
             params.internal = false;

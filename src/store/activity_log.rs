@@ -14,6 +14,9 @@ pub const DEFAULT_EXTENT_BYTES: u64 = 4 << 20;
 pub const DEFAULT_EXTENTS: u32 = 257;
 /// The most extents one on-disk transaction block can list.
 pub const MAX_EXTENTS: u32 = 1000;
+/// The fewest extents a log may have: a write of the largest size a request may have (4
+/// MiB, one default extent) can straddle two.
+pub const MIN_EXTENTS: u32 = 2;
 
 /// What touching a range changed: the log must be persisted before the write is issued.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

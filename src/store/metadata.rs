@@ -376,6 +376,15 @@ impl MetadataFile {
             path: path.to_owned(),
             reason,
         };
+        let al_range = super::activity_log::MIN_EXTENTS..=MAX_EXTENTS;
+        if !al_range.contains(&params.al_extents) {
+            return Err(bad(format!(
+                "an activity log of {} extents: must be {} to {}",
+                params.al_extents,
+                al_range.start(),
+                al_range.end()
+            )));
+        }
         let g = params.bitmap_granularity;
         if !g.is_power_of_two() || g < 512 {
             return Err(bad(format!(
@@ -417,7 +426,7 @@ impl MetadataFile {
             md_size_bytes: layout.md_size_bytes,
             bitmap_granularity: g,
             al_extent_bytes: params.al_extent_bytes,
-            al_extents: params.al_extents.clamp(1, MAX_EXTENTS),
+            al_extents: params.al_extents,
             al_slots: params.al_slots,
             generations: GenerationIds::default(),
             epoch: Epoch(0),

@@ -40,7 +40,8 @@ pub struct CreateMdArgs {
     /// Bytes per dirty-bitmap bit (power of two >= 512).
     #[arg(long, default_value_t = 4096)]
     pub bitmap_granularity: u32,
-    /// Activity-log extents kept hot (1..=1000).
+    /// Activity-log extents kept hot (2..=1000; DRBD's al-extents): more means fewer
+    /// metadata writes under scattered writes, fewer means less to resync after a crash.
     #[arg(long, default_value_t = 257)]
     pub al_extents: u32,
     /// Overwrite existing metadata.
