@@ -460,7 +460,7 @@ impl Node {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = stopping.changed() => return,
+                _ = stopping.wait_for(|&stopped| stopped) => return,
             };
             let (mut stream, remote) = match accepted {
                 Ok(a) => a,
@@ -547,7 +547,7 @@ impl Node {
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                _ = stopping.changed() => return,
+                _ = stopping.wait_for(|&stopped| stopped) => return,
             }
             self.tick(&mut last_alive, &mut last_quorate, &mut last_leader);
         }

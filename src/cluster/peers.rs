@@ -135,7 +135,7 @@ impl Peers {
             tokio::spawn(async move {
                 tokio::select! {
                     () = task => {}
-                    _ = stopped.changed() => {}
+                    _ = stopped.wait_for(|&stopped| stopped) => {}
                 }
             });
             links.insert(
@@ -365,7 +365,10 @@ pub async fn serve_inbound<S, H>(
     loop {
         let frame = tokio::select! {
             f = read_frame(&mut reader) => f,
-            _ = stop.changed() => break,
+            // wait_for, not changed(): a stop sent before this connection subscribed
+            // (accepted just as the node halted) must end it too, or it serves a dead node
+            // forever and its peer never reconnects to the node's next life.
+            _ = stop.wait_for(|&stopped| stopped) => break,
         };
         match frame {
             Ok(PeerMessage::Heartbeat(hb)) => {
@@ -424,5 +427,31 @@ mod tests {
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let err = read_frame(&mut b).await.unwrap_err();
         assert!(err.to_string().contains("limit"), "{err}");
+    }
+
+    struct Silent;
+    impl Inbound for Silent {
+        fn heartbeat(&self, _: Heartbeat) {}
+        async fn rpc(&self, _: NodeId, _: RaftRpc) -> RaftReply {
+            unreachable!("no request is sent in this test")
+        }
+    }
+
+    /// A connection accepted just as the node halted subscribes to the stop signal after
+    /// it was sent. It once kept serving the dead node's stopped raft for good, and its
+    /// peer never reconnected to the node's next life (seen as a flaky in-process cluster
+    /// test under load: "timed out waiting for beta rejoined").
+    #[tokio::test]
+    async fn a_connection_accepted_as_the_node_stops_ends_at_once() {
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
+        stop_tx.send_replace(true);
+        let stop = stop_tx.subscribe();
+        let (_client, server) = tokio::io::duplex(1 << 16);
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            serve_inbound(server, NodeId(2), Arc::new(Silent), stop),
+        )
+        .await;
+        assert!(served.is_ok(), "the connection outlived its node's stop");
     }
 }
