@@ -529,6 +529,10 @@ struct AppWriteState {
     /// (a later write, an epoch the peer never flushed), so a write completing late — held
     /// for lack of quorum — leaves the bits alone.
     same_link: bool,
+    /// When the write started, relative to the others: a resend must keep this order
+    /// (overlapping writes started in it), and request ids need not follow it (the
+    /// pieces of a split trim have ids of their own).
+    started: u64,
 }
 
 /// A replicated write the peer has not made durable yet (its epoch is not acked).
@@ -682,6 +686,8 @@ pub struct Replica {
     blocked: VecDeque<BlockedOp>,
     /// Trims wider than the activity log allows in one piece, by the application's id.
     split_trims: BTreeMap<ReqId, SplitTrim>,
+    /// Numbers the writes as they start (`AppWriteState::started`).
+    next_write_start: u64,
     /// The pieces of those trims in flight: piece id -> the trim's id.
     trim_pieces: BTreeMap<ReqId, ReqId>,
     next_trim_piece: u64,
@@ -796,6 +802,7 @@ impl Replica {
             flushes: BTreeMap::new(),
             blocked: VecDeque::new(),
             split_trims: BTreeMap::new(),
+            next_write_start: 0,
             trim_pieces: BTreeMap::new(),
             next_trim_piece: 0,
             reads: BTreeMap::new(),
@@ -1512,7 +1519,9 @@ impl Replica {
             peer: PeerStage::Lost,
             seq: None,
             same_link: true,
+            started: self.next_write_start,
         };
+        self.next_write_start += 1;
         if self.replicating() {
             let (seq, peer) = self.replicate(req, offset, len, kind, has_disk, out);
             state.seq = Some(seq);
@@ -1613,12 +1622,15 @@ impl Replica {
         if self.role != Role::Primary || !self.replicating() {
             return;
         }
-        let lost: Vec<ReqId> = self
+        // In the order they started: the peer must apply overlapping writes in it.
+        let mut lost: Vec<(u64, ReqId)> = self
             .writes
             .iter()
             .filter(|(_, w)| w.peer == PeerStage::Lost)
-            .map(|(req, _)| *req)
+            .map(|(req, w)| (w.started, *req))
             .collect();
+        lost.sort_unstable();
+        let lost: Vec<ReqId> = lost.into_iter().map(|(_, req)| req).collect();
         let pin_al = self.disk != DiskState::Diskless;
         for req in &lost {
             let Some(&AppWriteState {
@@ -2376,7 +2388,7 @@ impl Replica {
                 self.run_blocked(out);
                 for f in self.flushes.values_mut() {
                     if let Some(b) = f.barrier
-                        && b <= number
+                        && barrier_le(b, number)
                     {
                         f.peer_done = true;
                     }
@@ -2714,12 +2726,26 @@ impl Replica {
             self.close_gate(out);
         }
         self.next_seq = 1;
-        self.barrier = 1;
+        self.barrier = self.first_barrier();
         self.recv.clear();
         self.pending_barriers.clear();
         if self.peer_disk == DiskState::Outdated || self.peer_disk == DiskState::DUnknown {
             // The peer told us its real state in its Hello.
         }
+    }
+
+    /// Where a connection's barrier numbers start: anywhere, and a quarter of the time
+    /// just below the wrap, so that nothing may assume they start at 1 or grow without
+    /// wrapping (every comparison is `barrier_le`), and the simulator reaches the wrap.
+    fn first_barrier(&mut self) -> u32 {
+        let r = splitmix(&mut self.rng);
+        let high = u32::try_from(r >> 32).expect("32 bits");
+        let n = if r.is_multiple_of(4) {
+            u32::MAX - high % 64
+        } else {
+            high
+        };
+        n.max(1)
     }
 
     fn send_bitmap(&mut self, out: &mut Vec<Action>) {

@@ -381,3 +381,93 @@ fn a_failing_disk_is_detached_and_writes_are_served_by_the_peer() {
     assert!(!acts.iter().any(|x| matches!(x, Action::LocalRead { .. })));
     a.check_invariants().unwrap();
 }
+
+/// Writes `req` at `offset` on primary `a` and completes it (local done, peer ack).
+fn acked_write(a: &mut Replica, req: u64, offset: u64) {
+    let req = ReqId(req);
+    let acts = a.step(Event::AppWrite {
+        req,
+        offset,
+        len: 4096,
+        fua: false,
+    });
+    let seq = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::Send {
+                msg: Msg::Data { seq, .. },
+                ..
+            } => Some(*seq),
+            _ => None,
+        })
+        .expect("replicated");
+    a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    let acts = a.step(peer_msg(Msg::WriteAck { seq }));
+    assert!(acts.contains(&Action::Complete {
+        req,
+        result: Ok(None)
+    }));
+}
+
+/// Sends flush `req` on primary `a` with its local part done; returns its barrier number.
+fn flush_sent(a: &mut Replica, req: u64) -> u32 {
+    let req = ReqId(req);
+    let acts = a.step(Event::AppFlush { req });
+    let number = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::Send {
+                msg: Msg::Barrier { number },
+                ..
+            } => Some(*number),
+            _ => None,
+        })
+        .expect("a flush closes the epoch");
+    let acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::Complete { .. })),
+        "a flush completed before the peer's barrier ack: {acts:?}"
+    );
+    number
+}
+
+/// Hole: a flush compared barrier numbers without wrap-around (`b <= number`). After the
+/// numbers wrapped, the peer's ack of the last epoch before the wrap (u32::MAX)
+/// acknowledged a flush whose barrier (1) the peer had not flushed yet.
+#[test]
+fn a_barrier_ack_from_before_the_wrap_does_not_complete_a_later_flush() {
+    let (mut a, _b) = connected();
+    a.barrier = u32::MAX;
+    acked_write(&mut a, 1, 0);
+    let first = flush_sent(&mut a, 2);
+    acked_write(&mut a, 3, 4096);
+    let second = flush_sent(&mut a, 4);
+    assert_eq!((first, second), (u32::MAX, 1), "the numbers wrapped");
+    let acts = a.step(peer_msg(Msg::BarrierAck { number: first }));
+    assert!(
+        acts.contains(&Action::Complete {
+            req: ReqId(2),
+            result: Ok(None)
+        }),
+        "{acts:?}"
+    );
+    assert!(
+        !acts
+            .iter()
+            .any(|x| matches!(x, Action::Complete { req, .. } if *req == ReqId(4))),
+        "the flush after the wrap completed on the ack of an older barrier: {acts:?}"
+    );
+    let acts = a.step(peer_msg(Msg::BarrierAck { number: second }));
+    assert!(acts.contains(&Action::Complete {
+        req: ReqId(4),
+        result: Ok(None)
+    }));
+}
