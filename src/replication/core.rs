@@ -2165,6 +2165,9 @@ impl Replica {
     fn connection_lost(&mut self, reason: &str, out: &mut Vec<Action>) {
         let _ = reason;
         self.handshake = None;
+        // A ResyncDone flush still in flight belongs to this connection's resync: its
+        // generations must not be adopted by a later one.
+        self.sync_done_pending = None;
         self.peer_role = None;
         if self.peer_disk != DiskState::Outdated {
             self.peer_disk = DiskState::DUnknown;

@@ -552,3 +552,67 @@ fn a_trim_wider_than_the_activity_log_runs_in_pieces_and_completes_once() {
     assert_eq!(p.r[0].disk(), DiskState::UpToDate);
     p.assert_in_sync();
 }
+
+impl Pair {
+    /// Runs one queued thing (a local completion or a delivery); false if none was left.
+    fn step_once(&mut self) -> bool {
+        for node in 0..2 {
+            if let Some(ev) = self.disk[node].pop_front() {
+                self.step(node, ev);
+                return true;
+            }
+            if self.deliver(node) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Hole: the flush a sync target runs before adopting the source's generations
+/// (`ResyncDone`) belonged to no connection. The link broke while it was in flight, the
+/// next handshake started a new resync, and the old flush's completion then declared the
+/// disk UpToDate with the old resync's generations — in the middle of the new resync.
+#[test]
+fn a_sync_done_flush_from_an_earlier_connection_does_not_end_a_later_resync() {
+    let mut p = Pair::new();
+    p.write_alone(&[0, 1, 2, 3]);
+    p.link_up();
+    let sync_done = |e: &Event| {
+        matches!(
+            e,
+            Event::LocalDone {
+                tag: IoTag::SyncDone,
+                ..
+            }
+        )
+    };
+    let held = loop {
+        if let Some(at) = p.disk[1].iter().position(sync_done) {
+            break p.disk[1].remove(at).expect("found");
+        }
+        assert!(p.step_once(), "the resync never ended");
+    };
+    // The connection is lost with the flush in flight; the primary writes on alone.
+    p.link_down(None);
+    p.answer_fence(true);
+    for block in 40..45 {
+        let req = p.write(200 + block, block);
+        p.complete_io(0);
+        assert_eq!(p.result_of(req), Some(true));
+    }
+    p.link_up();
+    while p.r[1].conn() != ConnState::SyncTarget {
+        assert!(p.step_once(), "no second resync started");
+    }
+    // Now the old flush completes.
+    p.step(1, held);
+    assert_eq!(p.r[1].conn(), ConnState::SyncTarget);
+    assert_eq!(
+        p.r[1].disk(),
+        DiskState::Inconsistent,
+        "a flush of the previous connection ended this resync"
+    );
+    p.run_for(2_000, true);
+    p.assert_in_sync();
+}
