@@ -35,7 +35,7 @@ use crate::store::activity_log::ActivityLog;
 use crate::store::bitmap::Bitmap;
 use crate::store::metadata::MdFlags;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// An application request, numbered by the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -692,7 +692,8 @@ pub struct Replica {
     trim_pieces: BTreeMap<ReqId, ReqId>,
     next_trim_piece: u64,
     reads: BTreeMap<ReqId, (u64, u64)>,
-    peer_reads: BTreeSet<ReqId>,
+    /// Application reads served by the peer: request -> bytes asked for.
+    peer_reads: BTreeMap<ReqId, u64>,
     next_seq: u64,
     barrier: u32,
     // receiving side
@@ -806,7 +807,7 @@ impl Replica {
             trim_pieces: BTreeMap::new(),
             next_trim_piece: 0,
             reads: BTreeMap::new(),
-            peer_reads: BTreeSet::new(),
+            peer_reads: BTreeMap::new(),
             next_seq: 1,
             barrier: 1,
             epoch_writes: 0,
@@ -1961,7 +1962,7 @@ impl Replica {
                 digest: false,
             });
         } else if self.is_connected() && self.peer_disk == DiskState::UpToDate {
-            self.peer_reads.insert(req);
+            self.peer_reads.insert(req, len);
             let msg = Msg::ReadRequest {
                 id: req.0,
                 offset,
@@ -2002,7 +2003,7 @@ impl Replica {
                         });
                     } else if self.is_connected() && self.peer_disk == DiskState::UpToDate {
                         // Retry the read on the peer.
-                        self.peer_reads.insert(req);
+                        self.peer_reads.insert(req, len);
                         let msg = Msg::ReadRequest {
                             id: req.0,
                             offset,
@@ -2216,7 +2217,7 @@ impl Replica {
             }
         }
         // Reads waiting on the peer fail.
-        for req in std::mem::take(&mut self.peer_reads) {
+        for req in std::mem::take(&mut self.peer_reads).into_keys() {
             out.push(Action::Complete {
                 req,
                 result: Err(IoFailure::Io(
@@ -2426,8 +2427,18 @@ impl Replica {
             }
             Msg::ReadReply { id, ok } => {
                 let req = ReqId(id);
-                if !self.peer_reads.remove(&req) {
+                let Some(asked) = self.peer_reads.remove(&req) else {
                     return Err(format!("ReadReply for unknown read {id}"));
+                };
+                if ok && payload_len != asked {
+                    // Never hand the application a buffer of another size than it read.
+                    out.push(Action::Complete {
+                        req,
+                        result: Err(IoFailure::Io("the peer's read reply was malformed".into())),
+                    });
+                    return Err(format!(
+                        "ReadReply {id} carries {payload_len} bytes for a read of {asked}"
+                    ));
                 }
                 match (ok, payload) {
                     (true, Some(key)) => out.push(Action::Complete {

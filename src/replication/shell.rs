@@ -487,13 +487,42 @@ impl Shell {
         Box::pin(self.run_actions(actions)).await;
     }
 
+    /// Runs a batch in order. Once a metadata write of the batch failed (the core then
+    /// detached the disk), its later local I/O does not run: the core placed the metadata
+    /// write first because that I/O needs it (a write needs its activity-log extent on
+    /// disk). Such I/O is answered as failed instead, so the core accounts for it.
     async fn run_actions(&mut self, actions: Vec<Action>) {
+        let mut detached = false;
         for action in actions {
-            self.run_action(action).await;
+            if detached {
+                match &action {
+                    Action::LocalWrite { tag, .. }
+                    | Action::LocalTrim { tag, .. }
+                    | Action::LocalRead { tag, .. }
+                    | Action::LocalFlush { tag } => {
+                        let actions = self.core.step(Event::LocalDone {
+                            tag: *tag,
+                            result: Err("not run: the disk was detached after a failed \
+                                         metadata write"
+                                .into()),
+                            digest: None,
+                        });
+                        Box::pin(self.run_actions(actions)).await;
+                        continue;
+                    }
+                    Action::PersistAl { .. }
+                    | Action::PersistBitmap { .. }
+                    | Action::PersistSuperblock(_) => continue,
+                    _ => {}
+                }
+            }
+            if self.run_action(action).await == Ran::MetadataFailed {
+                detached = true;
+            }
         }
     }
 
-    async fn run_action(&mut self, action: Action) {
+    async fn run_action(&mut self, action: Action) -> Ran {
         match action {
             Action::LocalWrite {
                 tag,
@@ -540,7 +569,9 @@ impl Shell {
                 len,
                 digest,
             } => {
-                let Ok(n) = usize::try_from(len) else { return };
+                let Ok(n) = usize::try_from(len) else {
+                    return Ran::Done;
+                };
                 self.submit(
                     tag,
                     IoOp::Read {
@@ -616,6 +647,7 @@ impl Shell {
                     .await;
                 if let Err(e) = r {
                     self.metadata_failed(&e).await;
+                    return Ran::MetadataFailed;
                 }
             }
             Action::PersistAl { extents } => {
@@ -626,6 +658,7 @@ impl Shell {
                 };
                 if let Err(e) = r {
                     self.metadata_failed(&e).await;
+                    return Ran::MetadataFailed;
                 }
             }
             Action::PersistBitmap { blocks } => {
@@ -639,6 +672,7 @@ impl Shell {
                     .await;
                 if let Err(e) = r {
                     self.metadata_failed(&e).await;
+                    return Ran::MetadataFailed;
                 }
             }
             Action::Notify(notice) => {
@@ -675,7 +709,16 @@ impl Shell {
                 }
             }
         }
+        Ran::Done
     }
+}
+
+/// How running one action went, as far as the rest of its batch is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Done,
+    /// A metadata write failed: the core detached the disk.
+    MetadataFailed,
 }
 
 fn notice_name(n: &Notice) -> &'static str {

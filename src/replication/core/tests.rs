@@ -471,3 +471,52 @@ fn a_barrier_ack_from_before_the_wrap_does_not_complete_a_later_flush() {
         result: Ok(None)
     }));
 }
+
+/// Hole: a peer's ReadReply was handed to the application whatever its size; a reply
+/// shorter or longer than the read (a hostile or broken peer) became the application's
+/// data. Now the read fails, and the connection is dropped as a protocol error.
+#[test]
+fn a_read_reply_of_the_wrong_size_fails_the_read_and_drops_the_peer() {
+    let (mut a, _b) = connected();
+    a.step(Event::MetadataFailed {
+        reason: "test: the disk is gone".into(),
+    });
+    assert_eq!(a.disk(), DiskState::Diskless);
+    let req = ReqId(9);
+    let acts = a.step(Event::AppRead {
+        req,
+        offset: 4096,
+        len: 4096,
+    });
+    assert!(
+        acts.iter().any(|x| matches!(
+            x,
+            Action::Send {
+                msg: Msg::ReadRequest { id: 9, .. },
+                ..
+            }
+        )),
+        "a diskless primary reads through its peer: {acts:?}"
+    );
+    let acts = a.step(Event::PeerMsg {
+        msg: Msg::ReadReply { id: 9, ok: true },
+        payload: Some(77),
+        payload_len: 512,
+        inline: vec![],
+    });
+    assert!(
+        acts.iter().any(|x| matches!(
+            x,
+            Action::Complete { req: r, result: Err(IoFailure::Io(_)) } if *r == req
+        )),
+        "a short reply must fail the read: {acts:?}"
+    );
+    assert!(
+        acts.contains(&Action::Release(DataRef::Payload(77))),
+        "{acts:?}"
+    );
+    assert!(
+        acts.iter().any(|x| matches!(x, Action::Disconnect { .. })),
+        "{acts:?}"
+    );
+}
