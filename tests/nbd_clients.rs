@@ -46,18 +46,7 @@ fn qemu_img_nbdcopy_and_nbdinfo_round_trip_and_the_secondary_holds_the_same_byte
     let nbdcopy = tool("nbdcopy");
     let nbdinfo = tool("nbdinfo");
     let dir = scratch("nbd-clients");
-    let a_img = create_backing(&dir, "a.img", SIZE, "vol", 1);
-    let b_img = create_backing(&dir, "b.img", SIZE, "vol", 2);
-    let addrs = PairAddrs::new();
-    let a = Replica::start(&dir, "a", "vol", &a_img, addrs.a, addrs.b, true, &[]);
-    let b = Replica::start(&dir, "b", "vol", &b_img, addrs.b, addrs.a, false, &[]);
-    a.wait_for("connected", Duration::from_secs(10), |s| {
-        is_conn(s, "connected")
-    });
-    a.ok(&["primary", "vol", "--force"]);
-    b.wait_for("initial sync", Duration::from_secs(60), |s| {
-        is_conn(s, "connected") && s["disk"] == "up-to-date"
-    });
+    let (a, b) = synced_pair(&dir, SIZE, false, Duration::from_secs(60));
     let url = format!("nbd://{}/vol", a.nbd.unwrap());
     let size = a.status()["size_bytes"].as_u64().unwrap();
 
@@ -126,8 +115,11 @@ fn qemu_img_nbdcopy_and_nbdinfo_round_trip_and_the_secondary_holds_the_same_byte
     a.wait_for("in sync", Duration::from_secs(30), |s| {
         is_conn(s, "connected") && s["out_of_sync_bytes"] == 0
     });
-    assert_eq!(sha256_prefix(&src2, size), sha256_prefix(&b_img, size));
-    assert_eq!(sha256_prefix(&a_img, size), sha256_prefix(&b_img, size));
+    assert_eq!(sha256_prefix(&src2, size), sha256_prefix(&b.backing, size));
+    assert_eq!(
+        sha256_prefix(&a.backing, size),
+        sha256_prefix(&b.backing, size)
+    );
 }
 
 #[test]

@@ -68,18 +68,7 @@ fn trims_of_gigabytes_and_scattered_writes_keep_both_replicas_up_to_date() {
         "fio is required (scripts/install-test-deps installs it)"
     );
     let dir = scratch("repl-trim");
-    let a_img = create_backing(&dir, "a.img", SIZE, "vol", 1);
-    let b_img = create_backing(&dir, "b.img", SIZE, "vol", 2);
-    let addrs = PairAddrs::new();
-    let a = Replica::start(&dir, "a", "vol", &a_img, addrs.a, addrs.b, true, &[]);
-    let b = Replica::start(&dir, "b", "vol", &b_img, addrs.b, addrs.a, false, &[]);
-    a.wait_for("connected", Duration::from_secs(10), |s| {
-        is_conn(s, "connected")
-    });
-    a.ok(&["primary", "vol", "--force"]);
-    b.wait_for("initial sync", Duration::from_secs(300), |s| {
-        is_conn(s, "connected") && s["disk"] == "up-to-date"
-    });
+    let (a, b) = synced_pair(&dir, SIZE, false, Duration::from_secs(300));
 
     let mut c = NbdClient::connect(a.nbd.unwrap(), "vol").unwrap();
     assert!(c.size >= SIZE - (64 << 20), "export of {} bytes", c.size);
@@ -97,13 +86,7 @@ fn trims_of_gigabytes_and_scattered_writes_keep_both_replicas_up_to_date() {
     );
     drop(c);
     for r in [&a, &b] {
-        let s = r.status();
-        assert!(
-            is_conn(&s, "connected") && s["disk"] == "up-to-date",
-            "after the trims {}: {s:#}\n{}",
-            r.name,
-            r.log_text()
-        );
+        assert_connected_up_to_date(r, "after the trims");
     }
 
     // Random 4 KiB writes over the whole volume at QD64, read back and verified.
@@ -134,13 +117,7 @@ fn trims_of_gigabytes_and_scattered_writes_keep_both_replicas_up_to_date() {
         a.log_text()
     );
     for r in [&a, &b] {
-        let s = r.status();
-        assert!(
-            is_conn(&s, "connected") && s["disk"] == "up-to-date",
-            "after the writes {}: {s:#}\n{}",
-            r.name,
-            r.log_text()
-        );
+        assert_connected_up_to_date(r, "after the writes");
         assert!(
             !r.log_text().contains("detached"),
             "a disk was detached:\n{}",

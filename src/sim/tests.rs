@@ -111,19 +111,25 @@ fn failovers_crashes_and_resyncs_happen_in_the_runs() {
     );
 }
 
+/// Failovers that step the old primary down, while the cluster often cannot record an
+/// outdate (no leader) and the link breaks now and then.
+fn fencing_trouble() -> SimConfig {
+    SimConfig {
+        fence_fail_percent: 40,
+        fence_latency_ms: 30,
+        step_down: true,
+        partition_percent: 4,
+        ..SimConfig::default()
+    }
+}
+
 #[test]
 fn writes_during_resyncs_complete_while_the_cluster_cannot_fence() {
     // The partition test's stall: after a failover (the old primary stepped down), the
     // new primary reconnects and writes while the cluster log cannot record an outdate
     // (no leader). Every write must still complete once the link is stable, and every
     // resync finish (`heal` fails the run otherwise).
-    let cfg = SimConfig {
-        fence_fail_percent: 40,
-        fence_latency_ms: 30,
-        step_down: true,
-        partition_percent: 4,
-        ..SimConfig::default()
-    };
+    let cfg = fencing_trouble();
     let total = runs(30_000, 300, &cfg);
     // Unless one seed is replayed, the runs must have hit what they are about.
     if std::env::var("TANDEM_SEED").is_err() {
@@ -165,12 +171,5 @@ fn regression_seeds_stay_fixed() {
     // 31176: after a reconnect the writes waiting for the fencing gate were resent in
     // request-id order, not the order they started; a trim piece (ids of its own) that
     // started before an overlapping write reached the peer after it and zeroed it there.
-    let cfg = SimConfig {
-        fence_fail_percent: 40,
-        fence_latency_ms: 30,
-        step_down: true,
-        partition_percent: 4,
-        ..SimConfig::default()
-    };
-    run(31_176, cfg).unwrap_or_else(|e| panic!("{e}"));
+    run(31_176, fencing_trouble()).unwrap_or_else(|e| panic!("{e}"));
 }

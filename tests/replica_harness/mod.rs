@@ -284,6 +284,40 @@ impl Drop for Replica {
     }
 }
 
+/// Two replicas of `vol` with `size`-byte backing files in `dir`, connected, `a`
+/// primary (forced, `a` exporting NBD; `b` too when `nbd_b`), the initial full sync done.
+pub fn synced_pair(
+    dir: &Path,
+    size: u64,
+    nbd_b: bool,
+    sync_timeout: Duration,
+) -> (Replica, Replica) {
+    let a_img = create_backing(dir, "a.img", size, "vol", 1);
+    let b_img = create_backing(dir, "b.img", size, "vol", 2);
+    let addrs = PairAddrs::new();
+    let a = Replica::start(dir, "a", "vol", &a_img, addrs.a, addrs.b, true, &[]);
+    let b = Replica::start(dir, "b", "vol", &b_img, addrs.b, addrs.a, nbd_b, &[]);
+    a.wait_for("connected", Duration::from_secs(10), |s| {
+        is_conn(s, "connected")
+    });
+    a.ok(&["primary", "vol", "--force"]);
+    b.wait_for("initial sync", sync_timeout, |s| {
+        is_conn(s, "connected") && s["disk"] == "up-to-date"
+    });
+    (a, b)
+}
+
+/// Panics with the status and log unless `r` is connected and UpToDate.
+pub fn assert_connected_up_to_date(r: &Replica, when: &str) {
+    let s = r.status();
+    assert!(
+        is_conn(&s, "connected") && s["disk"] == "up-to-date",
+        "{when}, {}: {s:#}\n{}",
+        r.name,
+        r.log_text()
+    );
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::new();
     let mut esc = false;

@@ -320,22 +320,7 @@ fn a_write_without_the_peer_waits_for_the_fencing_hook() {
 fn a_failing_disk_is_detached_and_writes_are_served_by_the_peer() {
     let (mut a, _b) = connected();
     let req = ReqId(3);
-    let acts = a.step(Event::AppWrite {
-        req,
-        offset: 0,
-        len: 4096,
-        fua: false,
-    });
-    let seq = acts
-        .iter()
-        .find_map(|x| match x {
-            Action::Send {
-                msg: Msg::Data { seq, .. },
-                ..
-            } => Some(*seq),
-            _ => None,
-        })
-        .unwrap();
+    let seq = write_sent(&mut a, req, 0);
     let acts = a.step(Event::LocalDone {
         tag: IoTag::App(req),
         result: Err("writing 4096 bytes at offset 0: Input/output error".into()),
@@ -363,36 +348,21 @@ fn a_failing_disk_is_detached_and_writes_are_served_by_the_peer() {
         result: Ok(None)
     }));
     // Reads now go to the peer.
-    let acts = a.step(Event::AppRead {
-        req: ReqId(4),
-        offset: 0,
-        len: 4096,
-    });
-    assert!(
-        acts.iter().any(|x| matches!(
-            x,
-            Action::Send {
-                msg: Msg::ReadRequest { id: 4, .. },
-                ..
-            }
-        )),
-        "{acts:?}"
-    );
+    read_through_peer(&mut a, 4, 0);
     assert!(!acts.iter().any(|x| matches!(x, Action::LocalRead { .. })));
     a.check_invariants().unwrap();
 }
 
-/// Writes `req` at `offset` on primary `a` and completes it (local done, peer ack).
-fn acked_write(a: &mut Replica, req: u64, offset: u64) {
-    let req = ReqId(req);
+/// Writes 4 KiB as `req` at `offset` on primary `a`; returns the sequence number it was
+/// replicated under.
+fn write_sent(a: &mut Replica, req: ReqId, offset: u64) -> u64 {
     let acts = a.step(Event::AppWrite {
         req,
         offset,
         len: 4096,
         fua: false,
     });
-    let seq = acts
-        .iter()
+    acts.iter()
         .find_map(|x| match x {
             Action::Send {
                 msg: Msg::Data { seq, .. },
@@ -400,7 +370,13 @@ fn acked_write(a: &mut Replica, req: u64, offset: u64) {
             } => Some(*seq),
             _ => None,
         })
-        .expect("replicated");
+        .expect("the write is replicated")
+}
+
+/// Writes `req` at `offset` on primary `a` and completes it (local done, peer ack).
+fn acked_write(a: &mut Replica, req: u64, offset: u64) {
+    let req = ReqId(req);
+    let seq = write_sent(a, req, offset);
     a.step(Event::LocalDone {
         tag: IoTag::App(req),
         result: Ok(()),
@@ -483,21 +459,7 @@ fn a_read_reply_of_the_wrong_size_fails_the_read_and_drops_the_peer() {
     });
     assert_eq!(a.disk(), DiskState::Diskless);
     let req = ReqId(9);
-    let acts = a.step(Event::AppRead {
-        req,
-        offset: 4096,
-        len: 4096,
-    });
-    assert!(
-        acts.iter().any(|x| matches!(
-            x,
-            Action::Send {
-                msg: Msg::ReadRequest { id: 9, .. },
-                ..
-            }
-        )),
-        "a diskless primary reads through its peer: {acts:?}"
-    );
+    read_through_peer(&mut a, 9, 4096);
     let acts = a.step(Event::PeerMsg {
         msg: Msg::ReadReply { id: 9, ok: true },
         payload: Some(77),
@@ -518,5 +480,25 @@ fn a_read_reply_of_the_wrong_size_fails_the_read_and_drops_the_peer() {
     assert!(
         acts.iter().any(|x| matches!(x, Action::Disconnect { .. })),
         "{acts:?}"
+    );
+}
+
+/// Reads 4 KiB at `offset` as request `req` on `a`, which has no usable disk: the read
+/// must go to the peer.
+fn read_through_peer(a: &mut Replica, req: u64, offset: u64) {
+    let acts = a.step(Event::AppRead {
+        req: ReqId(req),
+        offset,
+        len: 4096,
+    });
+    assert!(
+        acts.iter().any(|x| matches!(
+            x,
+            Action::Send {
+                msg: Msg::ReadRequest { id, .. },
+                ..
+            } if *id == req
+        )),
+        "a replica without a usable disk reads through its peer: {acts:?}"
     );
 }
