@@ -701,6 +701,12 @@ pub struct Replica {
     next_recv: u64,
     pending_barriers: VecDeque<u32>,
     barrier_flushing: Option<u32>,
+    /// The barrier flush in flight belongs to a connection that is gone: its ack would
+    /// reach a primary that numbers its barriers afresh, so none is sent.
+    barrier_flush_stale: bool,
+    /// The first barrier number this node sent on the current connection (primary):
+    /// acks outside [first, current) were never asked for here.
+    conn_first_barrier: u32,
     // resync and verify
     resync: Option<ResyncState>,
     verify: Option<VerifyState>,
@@ -816,6 +822,8 @@ impl Replica {
             next_recv: 1,
             pending_barriers: VecDeque::new(),
             barrier_flushing: None,
+            barrier_flush_stale: false,
+            conn_first_barrier: 1,
             resync: None,
             verify: None,
             csum_reads: BTreeMap::new(),
@@ -2039,7 +2047,8 @@ impl Replica {
             IoTag::Recv(n) => self.on_recv_done(n, failed.is_none(), out),
             IoTag::Barrier(number) => {
                 self.barrier_flushing = None;
-                if self.is_connected() {
+                let stale = std::mem::take(&mut self.barrier_flush_stale);
+                if self.is_connected() && !stale {
                     self.send(Msg::BarrierAck { number }, None, out);
                 }
                 self.pump_barriers(out);
@@ -2167,8 +2176,13 @@ impl Replica {
         let _ = reason;
         self.handshake = None;
         // A ResyncDone flush still in flight belongs to this connection's resync: its
-        // generations must not be adopted by a later one.
+        // generations must not be adopted by a later one. Likewise a barrier flush: its
+        // ack would confirm a barrier of the next connection that happens to share its
+        // number.
         self.sync_done_pending = None;
+        if self.barrier_flushing.is_some() {
+            self.barrier_flush_stale = true;
+        }
         self.peer_role = None;
         if self.peer_disk != DiskState::Outdated {
             self.peer_disk = DiskState::DUnknown;
@@ -2375,6 +2389,15 @@ impl Replica {
                 Ok(())
             }
             Msg::BarrierAck { number } => {
+                let sent_here = barrier_le(self.conn_first_barrier, number)
+                    && number != self.barrier
+                    && barrier_le(number, self.barrier);
+                if !sent_here {
+                    return Err(format!(
+                        "BarrierAck for barrier {number}, which was not sent on this \
+                         connection"
+                    ));
+                }
                 let confirmed: Vec<u64> = self
                     .unconfirmed
                     .iter()
@@ -2741,6 +2764,7 @@ impl Replica {
         }
         self.next_seq = 1;
         self.barrier = self.first_barrier();
+        self.conn_first_barrier = self.barrier;
         self.recv.clear();
         self.pending_barriers.clear();
         if self.peer_disk == DiskState::Outdated || self.peer_disk == DiskState::DUnknown {

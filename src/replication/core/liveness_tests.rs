@@ -616,3 +616,47 @@ fn a_sync_done_flush_from_an_earlier_connection_does_not_end_a_later_resync() {
     p.run_for(2_000, true);
     p.assert_in_sync();
 }
+
+/// Hole: a secondary's barrier flush belonged to no connection. The link broke while it
+/// was in flight; when it completed, its BarrierAck went out on the next connection, where
+/// the primary numbers barriers afresh and could take it for one of its own.
+#[test]
+fn a_barrier_flush_of_a_lost_connection_is_not_acked_on_the_next() {
+    let mut p = Pair::new();
+    p.write(1, 3);
+    p.step(0, Event::AppFlush { req: ReqId(2) });
+    let barrier_flush = |e: &Event| {
+        matches!(
+            e,
+            Event::LocalDone {
+                tag: IoTag::Barrier(_),
+                ..
+            }
+        )
+    };
+    let held = loop {
+        if let Some(at) = p.disk[1].iter().position(barrier_flush) {
+            break p.disk[1].remove(at).expect("found");
+        }
+        assert!(p.step_once(), "the secondary never flushed the barrier");
+    };
+    p.link_down(None);
+    p.answer_fence(true);
+    p.link_up();
+    p.settle();
+    assert_eq!(p.r[1].conn(), ConnState::Connected);
+    let acts = p.r[1].step(held);
+    assert!(
+        !acts.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                msg: Msg::BarrierAck { .. },
+                ..
+            }
+        )),
+        "a barrier of the lost connection was acked on the new one: {acts:?}"
+    );
+    p.run(1, acts);
+    p.run_for(1_000, true);
+    p.assert_in_sync();
+}

@@ -421,7 +421,9 @@ fn flush_sent(a: &mut Replica, req: u64) -> u32 {
 #[test]
 fn a_barrier_ack_from_before_the_wrap_does_not_complete_a_later_flush() {
     let (mut a, _b) = connected();
+    // As if this connection's barrier numbers had started just below the wrap.
     a.barrier = u32::MAX;
+    a.conn_first_barrier = u32::MAX;
     acked_write(&mut a, 1, 0);
     let first = flush_sent(&mut a, 2);
     acked_write(&mut a, 3, 4096);
@@ -500,5 +502,31 @@ fn read_through_peer(a: &mut Replica, req: u64, offset: u64) {
             } if *id == req
         )),
         "a replica without a usable disk reads through its peer: {acts:?}"
+    );
+}
+
+/// Hole: the primary took a BarrierAck for any number, also one it never sent on this
+/// connection (a late ack of an earlier connection's barrier, or a broken peer), and it
+/// confirmed writes and completed flushes the peer had not made durable.
+#[test]
+fn a_barrier_ack_for_a_barrier_never_sent_here_is_refused() {
+    let (mut a, _b) = connected();
+    acked_write(&mut a, 1, 0);
+    let sent = flush_sent(&mut a, 2);
+    let acts = a.step(peer_msg(Msg::BarrierAck {
+        number: sent.wrapping_add(7),
+    }));
+    // The peer is dropped first; the flush may then complete only the way a flush
+    // without the peer does (this test's fencing policy lets it).
+    let disconnect = acts
+        .iter()
+        .position(|x| matches!(x, Action::Disconnect { .. }))
+        .unwrap_or_else(|| panic!("the peer is not dropped: {acts:?}"));
+    let completed = acts
+        .iter()
+        .position(|x| matches!(x, Action::Complete { .. }));
+    assert!(
+        completed.is_none_or(|c| c > disconnect),
+        "a flush completed on the ack of a barrier never sent: {acts:?}"
     );
 }
