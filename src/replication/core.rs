@@ -582,6 +582,9 @@ struct RecvOp {
     kind: RecvKind,
     barrier: u32,
     started: bool,
+    /// The connection it arrived on (`Replica::conn_gen`): only that connection may be
+    /// answered about it, and its barrier number means something only there.
+    conn: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -699,6 +702,8 @@ pub struct Replica {
     // receiving side
     recv: BTreeMap<u64, RecvOp>,
     next_recv: u64,
+    /// Counts connections, for `RecvOp::conn`.
+    conn_gen: u64,
     pending_barriers: VecDeque<u32>,
     barrier_flushing: Option<u32>,
     /// The barrier flush in flight belongs to a connection that is gone: its ack would
@@ -820,6 +825,7 @@ impl Replica {
             last_barrier_ms: 0,
             recv: BTreeMap::new(),
             next_recv: 1,
+            conn_gen: 0,
             pending_barriers: VecDeque::new(),
             barrier_flushing: None,
             barrier_flush_stale: false,
@@ -2239,11 +2245,13 @@ impl Replica {
                 )),
             });
         }
-        // Received writes not yet started are dropped; started ones finish locally.
+        // Resync writes not yet started are dropped (their blocks stay marked on both
+        // sides). Application writes are all written, in order: with protocol B the peer
+        // may already have completed them on this node's RecvAck.
         let dropped: Vec<u64> = self
             .recv
             .iter()
-            .filter(|(_, r)| !r.started)
+            .filter(|(_, r)| !r.started && matches!(r.kind, RecvKind::Resync { .. }))
             .map(|(n, _)| *n)
             .collect();
         for n in dropped {
@@ -2765,7 +2773,9 @@ impl Replica {
         self.next_seq = 1;
         self.barrier = self.first_barrier();
         self.conn_first_barrier = self.barrier;
-        self.recv.clear();
+        // Received writes of the last connection still being written stay: a newer write
+        // to the same blocks waits for them (`pump_recv`), and they answer nobody.
+        self.conn_gen += 1;
         self.pending_barriers.clear();
         if self.peer_disk == DiskState::Outdated || self.peer_disk == DiskState::DUnknown {
             // The peer told us its real state in its Hello.
@@ -2864,6 +2874,7 @@ impl Replica {
                 kind,
                 barrier,
                 started: false,
+                conn: self.conn_gen,
             },
         );
         self.pump_recv(out);
@@ -2921,7 +2932,7 @@ impl Replica {
         let Some(op) = self.recv.remove(&n) else {
             return;
         };
-        if self.is_connected() {
+        if self.is_connected() && op.conn == self.conn_gen {
             match op.kind {
                 RecvKind::Data { seq, .. } | RecvKind::Trim { seq, .. } => {
                     let msg = if ok {
@@ -2963,6 +2974,7 @@ impl Replica {
         };
         let busy = self.recv.values().any(|op| {
             matches!(op.kind, RecvKind::Data { .. } | RecvKind::Trim { .. })
+                && op.conn == self.conn_gen
                 && barrier_le(op.barrier, number)
         });
         if busy {

@@ -115,10 +115,11 @@ impl Replica {
                 if self.conn != ConnState::SyncTarget {
                     return Err("ResyncDone while not a sync target".into());
                 }
+                let conn = self.conn_gen;
                 if self
                     .recv
                     .values()
-                    .any(|op| matches!(op.kind, super::RecvKind::Resync { .. }))
+                    .any(|op| op.conn == conn && matches!(op.kind, super::RecvKind::Resync { .. }))
                 {
                     return Err("ResyncDone before every resync write was acknowledged".into());
                 }
