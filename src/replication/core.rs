@@ -544,6 +544,9 @@ struct Unconfirmed {
     /// Holds an activity-log reference: the extent must stay hot until the peer has the
     /// write durably (or the bitmap records it), else a crash could forget the difference.
     al_pinned: bool,
+    /// Marked out of sync in the bitmap as a crash guard (a demote): the peer's ack
+    /// makes the blocks in sync again.
+    marked: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1588,6 +1591,7 @@ impl Replica {
                 len,
                 barrier: self.barrier,
                 al_pinned: pin_al,
+                marked: false,
             },
         );
         if pin_al {
@@ -2412,11 +2416,24 @@ impl Replica {
                     .filter(|(_, u)| barrier_le(u.barrier, number))
                     .map(|(seq, _)| *seq)
                     .collect();
+                let mut unmarked = false;
                 for seq in confirmed {
-                    if let Some(u) = self.unconfirmed.remove(&seq)
-                        && u.al_pinned
-                    {
+                    let Some(u) = self.unconfirmed.remove(&seq) else {
+                        continue;
+                    };
+                    if u.al_pinned {
                         self.al.end(u.offset, u.len);
+                    }
+                    if u.marked && self.conn == ConnState::Connected {
+                        // Durable on the peer now: the crash guard can go.
+                        self.bitmap.clear_covered(u.offset, u.len);
+                        unmarked = true;
+                    }
+                }
+                if unmarked {
+                    let blocks = Self::bitmap_blocks(&mut self.bitmap);
+                    if !blocks.is_empty() {
+                        out.push(Action::PersistBitmap { blocks });
                     }
                 }
                 // Writes waiting for room in the activity log may start now.
@@ -2782,6 +2799,14 @@ impl Replica {
         }
     }
 
+    /// Marks every write the peer has not confirmed as durable out of sync in the bitmap.
+    fn mark_unconfirmed_out_of_sync(&mut self) {
+        for u in self.unconfirmed.values_mut() {
+            self.bitmap.set_range(u.offset, u.len);
+            u.marked = true;
+        }
+    }
+
     /// Where a connection's barrier numbers start: anywhere, and a quarter of the time
     /// just below the wrap, so that nothing may assume they start at 1 or grow without
     /// wrapping (every comparison is `barrier_le`), and the simulator reaches the wrap.
@@ -3103,6 +3128,10 @@ impl Replica {
                         reason: "shutting down".into(),
                     });
                 }
+                // Writes the peer has not confirmed as durable: it may lose them if it
+                // crashes, so the next handshake must resync them (as a disconnect does).
+                self.mark_unconfirmed_out_of_sync();
+                self.unconfirmed.clear();
                 let blocks = {
                     self.bitmap.mark_all_blocks_changed();
                     Self::bitmap_blocks(&mut self.bitmap)
@@ -3234,6 +3263,10 @@ impl Replica {
             // Close the epoch so the peer flushes what this primary wrote.
             self.send_barrier(out);
         }
+        // Until the peer acks that barrier its copy may lack these writes, and the
+        // crash flag is about to go: the bitmap records them instead (a few blocks resync
+        // needlessly if the ack arrives).
+        self.mark_unconfirmed_out_of_sync();
         let blocks = Self::bitmap_blocks(&mut self.bitmap);
         if !blocks.is_empty() {
             out.push(Action::PersistBitmap { blocks });

@@ -805,3 +805,22 @@ fn received_writes_stay_ordered_across_a_reconnect_and_old_ones_ack_nothing() {
     p.assert_in_sync();
     assert_eq!(p.result_of(ReqId(2)), Some(true));
 }
+
+/// The crash guard a demote puts in the bitmap for writes the peer has not confirmed
+/// goes once the peer's barrier ack arrives: a switchover leaves both sides in sync.
+#[test]
+fn a_demote_with_unconfirmed_writes_ends_in_sync_once_the_peer_acks() {
+    let mut p = Pair::new();
+    p.write(1, 7);
+    p.complete_io(0);
+    while p.deliver(1) {}
+    p.complete_io(1);
+    while p.deliver(0) {}
+    assert_eq!(p.result_of(ReqId(1)), Some(true));
+    p.step(0, Event::Admin(Admin::Demote));
+    assert_eq!(p.r[0].role(), Role::Secondary);
+    p.settle();
+    for node in 0..2 {
+        assert_eq!(p.r[node].bitmap().count(), 0, "node {node}");
+    }
+}

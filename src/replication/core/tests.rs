@@ -530,3 +530,21 @@ fn a_barrier_ack_for_a_barrier_never_sent_here_is_refused() {
         "a flush completed on the ack of a barrier never sent: {acts:?}"
     );
 }
+
+/// Hole: a clean shutdown, and a demote, cleared the crash flag and emptied the activity
+/// log while writes the peer had not yet made durable (no BarrierAck) were only in the
+/// transfer log, which is not on disk: had the peer then crashed, nothing would have
+/// told the next handshake to resync them. The bitmap records them now.
+#[test]
+fn shutdown_and_demote_keep_unconfirmed_writes_in_the_bitmap() {
+    for admin in [Admin::Shutdown, Admin::Demote] {
+        let (mut a, _b) = connected();
+        acked_write(&mut a, 1, 8 * 4096);
+        assert_eq!(a.bitmap().count(), 0);
+        a.step(Event::Admin(admin.clone()));
+        assert!(
+            a.bitmap().count() >= 1,
+            "{admin:?} forgot a write the peer had not confirmed as durable"
+        );
+    }
+}
