@@ -2743,8 +2743,14 @@ impl Replica {
                     }
                     self.set_disk(DiskState::UpToDate, out);
                 }
-                if self.bitmap.count() > 0 && self.md.generations.current == h.generations.current {
-                    // Nothing differs (equal generations, no crash): drop stale bits.
+                let both_disks = self.disk != DiskState::Diskless && h.disk != DiskState::Diskless;
+                if self.bitmap.count() > 0
+                    && both_disks
+                    && self.md.generations.current == h.generations.current
+                {
+                    // Nothing differs (equal generations, no crash): drop stale bits. Not
+                    // with a diskless side: "no sync" then only means nothing can be
+                    // compared, and the bits are what the returning disk will need.
                     self.bitmap.clear_all();
                     let blocks = Self::bitmap_blocks(&mut self.bitmap);
                     out.push(Action::PersistBitmap { blocks });

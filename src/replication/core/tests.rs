@@ -548,3 +548,40 @@ fn shutdown_and_demote_keep_unconfirmed_writes_in_the_bitmap() {
         );
     }
 }
+
+/// Hole: a handshake with a diskless peer decides "no sync", and with equal generations
+/// a node then dropped its bitmap as stale — here the extents a crashed primary's
+/// activity log marked, which may differ from the peer's disk. When the peer's disk
+/// came back nothing resynced them. The bits stay while either side is diskless.
+#[test]
+fn a_diskless_peer_does_not_clear_the_bitmap() {
+    let mut crashed = persisted(7);
+    crashed.md.flags.primary_crashed = true;
+    crashed.al_extents = vec![0];
+    let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(1), 1 << 20);
+    cfg.fencing = FencingPolicy::DontCare;
+    let (mut a, _) = Replica::new(cfg, crashed, 1);
+    let marked = a.bitmap().count();
+    assert!(
+        marked > 0,
+        "crash recovery marks the activity log's extents"
+    );
+    let mut b = replica(2);
+    b.step(Event::MetadataFailed {
+        reason: "test: the disk is gone".into(),
+    });
+    assert_eq!(b.disk(), DiskState::Diskless);
+    for r in [&mut a, &mut b] {
+        r.step(Event::Admin(Admin::Connect));
+        r.step(Event::TransportUp);
+    }
+    let (ha, hb) = (hello_of(&a), hello_of(&b));
+    a.step(peer_msg(hb));
+    b.step(peer_msg(ha));
+    assert_eq!(a.conn(), ConnState::Connected);
+    assert_eq!(
+        a.bitmap().count(),
+        marked,
+        "a handshake with a diskless peer dropped the bits of a crashed primary"
+    );
+}
