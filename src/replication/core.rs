@@ -2700,6 +2700,9 @@ impl Replica {
             self.cfg.split_brain,
             self.cfg.protocol == Protocol::C,
         );
+        // The operator's discard-my-data answers this handshake only: never left armed
+        // for a later one.
+        self.discard_my_data = false;
         match decision {
             Decision::SplitBrain => {
                 let detail = format!(
@@ -3071,6 +3074,19 @@ impl Replica {
                 if self.role == Role::Primary {
                     out.push(Action::Notify(Notice::Refused {
                         reason: "discard-my-data refused: this node is primary".into(),
+                    }));
+                    return;
+                }
+                if self.conn != ConnState::StandAlone {
+                    // DRBD's rule: only a disconnected (split-brain) resource has data to
+                    // discard; armed on a healthy one, the flag would silently throw away
+                    // this node's data at some later split brain.
+                    out.push(Action::Notify(Notice::Refused {
+                        reason: format!(
+                            "discard-my-data refused: the volume is {:?}, not in split \
+                             brain (StandAlone); there is nothing to resolve",
+                            self.conn
+                        ),
                     }));
                     return;
                 }

@@ -131,8 +131,8 @@ fn by_tiebreak(me: &SideInfo, peer: &SideInfo) -> Decision {
     }
 }
 
-/// Decides the sync direction for "me", resolving split brain by epoch, by an operator's
-/// `discard-my-data`, or by `policy`.
+/// Decides the sync direction for "me", resolving split brain by an operator's
+/// `discard-my-data`, then by epoch, then by `policy`.
 pub fn decide(
     me: &SideInfo,
     peer: &SideInfo,
@@ -143,6 +143,15 @@ pub fn decide(
     if raw != Decision::SplitBrain {
         return raw;
     }
+    // An operator's `resolve --discard-my-data` is the resolution asked for: it wins
+    // over every automatic rule, the epoch's included (the operator may be discarding
+    // the newer epoch's data on purpose, e.g. after a forced promotion went wrong).
+    match (me.discard_my_data, peer.discard_my_data) {
+        (true, false) => return Decision::Target { full: false },
+        (false, true) => return Decision::Source { full: false },
+        (true, true) => return Decision::SplitBrain,
+        (false, false) => {}
+    }
     // A node fenced by a newer cluster epoch never wins.
     if me.epoch != peer.epoch {
         return if me.epoch < peer.epoch {
@@ -150,12 +159,6 @@ pub fn decide(
         } else {
             Decision::Source { full: false }
         };
-    }
-    match (me.discard_my_data, peer.discard_my_data) {
-        (true, false) => return Decision::Target { full: false },
-        (false, true) => return Decision::Source { full: false },
-        (true, true) => return Decision::SplitBrain,
-        (false, false) => {}
     }
     match policy {
         SplitBrainPolicy::Disconnect => Decision::SplitBrain,
@@ -335,5 +338,29 @@ mod tests {
             Just(SplitBrainPolicy::DiscardYoungerPrimary)], c in any::<bool>()) {
             prop_assert_eq!(decide(&a, &b, policy, c), decide(&b, &a, policy, c).mirror());
         }
+    }
+
+    /// Hole: the epoch rule came first, so on the node of the newer epoch an operator's
+    /// `resolve --discard-my-data` was ignored and its data overwrote the peer's.
+    #[test]
+    fn discard_my_data_wins_over_a_newer_epoch() {
+        let mut me = side(1, 10, 7, [0, 0]);
+        let mut peer = side(2, 20, 7, [0, 0]);
+        assert_eq!(
+            compare(&me, &peer, true),
+            Decision::SplitBrain,
+            "both moved on from the shared generation 7"
+        );
+        me.epoch = Epoch(5);
+        peer.epoch = Epoch(4);
+        me.discard_my_data = true;
+        assert_eq!(
+            decide(&me, &peer, SplitBrainPolicy::Disconnect, true),
+            Decision::Target { full: false }
+        );
+        assert_eq!(
+            decide(&peer, &me, SplitBrainPolicy::Disconnect, true),
+            Decision::Source { full: false }
+        );
     }
 }

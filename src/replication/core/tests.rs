@@ -585,3 +585,18 @@ fn a_diskless_peer_does_not_clear_the_bitmap() {
         "a handshake with a diskless peer dropped the bits of a crashed primary"
     );
 }
+
+/// `resolve --discard-my-data` on a healthy, connected secondary once answered "local
+/// changes discarded" and armed a hidden flag that a later split brain would have obeyed,
+/// silently discarding this node's data. It is refused unless the volume is StandAlone.
+#[test]
+fn discard_my_data_is_refused_unless_in_split_brain() {
+    let (_a, mut b) = connected();
+    let acts = b.step(Event::Admin(Admin::DiscardMyData));
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Notify(Notice::Refused { reason }) if reason.contains("not in split brain"))),
+        "{acts:?}"
+    );
+    assert!(!b.hello().discard_my_data, "the flag was armed anyway");
+}
