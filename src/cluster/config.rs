@@ -142,7 +142,10 @@ pub enum Protocol {
     A,
     /// When the peer has received it.
     B,
-    /// When it is durable on both nodes.
+    /// When the write has completed on both nodes' disks (the default). Like a local
+    /// disk's, a completed write may still sit in a disk cache: it is durable on both
+    /// nodes once a FLUSH (or a FUA write) completes — the block layer's and DRBD's
+    /// semantics.
     #[default]
     C,
 }

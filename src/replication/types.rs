@@ -177,7 +177,8 @@ pub enum Protocol {
     A,
     /// Once local write completed and the peer has received the data.
     B,
-    /// Once local and peer writes completed (the default).
+    /// Once local and peer writes completed (the default); durable on both nodes once a
+    /// FLUSH or FUA completes, as for a local disk (the block layer's and DRBD's rule).
     #[default]
     C,
 }
