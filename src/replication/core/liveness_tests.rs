@@ -657,18 +657,18 @@ fn a_barrier_flush_of_a_lost_connection_is_not_acked_on_the_next() {
     assert_eq!(p.r[1].conn(), ConnState::Connected);
     let acts = p.r[1].step(held);
     assert!(
-        !acts.iter().any(|a| matches!(
-            a,
-            Action::Send {
-                msg: Msg::BarrierAck { .. },
-                ..
-            }
-        )),
+        !sends(&acts, |m| matches!(m, Msg::BarrierAck { .. })),
         "a barrier of the lost connection was acked on the new one: {acts:?}"
     );
     p.run(1, acts);
     p.run_for(1_000, true);
     p.assert_in_sync();
+}
+
+/// Does `acts` send a message that `is` matches?
+fn sends(acts: &[Action], is: impl Fn(&Msg) -> bool) -> bool {
+    acts.iter()
+        .any(|a| matches!(a, Action::Send { msg, .. } if is(msg)))
 }
 
 /// Node 1's queued completions of its received writes (`IoTag::Recv`), taken out of the
@@ -791,13 +791,7 @@ fn received_writes_stay_ordered_across_a_reconnect_and_old_ones_ack_nothing() {
     );
     let acts = p.r[1].step(held.into_iter().next().expect("held"));
     assert!(
-        !acts.iter().any(|a| matches!(
-            a,
-            Action::Send {
-                msg: Msg::WriteAck { .. },
-                ..
-            }
-        )),
+        !sends(&acts, |m| matches!(m, Msg::WriteAck { .. })),
         "a write of the lost connection acked on the new one: {acts:?}"
     );
     p.run(1, acts);
