@@ -60,7 +60,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
+    // At least two workers even on one CPU (a small VM): a call that blocks a worker by
+    // mistake must not also stop heartbeats, the cluster log and the control socket.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("tandemd")
         .build()

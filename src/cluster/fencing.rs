@@ -140,12 +140,18 @@ impl Fencer for ReservationFencer {
         Box::pin(async move {
             // Our own current key: the one `unfence` registered for this life.
             let own_incarnation = self.current_incarnation()?;
-            let policy = self.policy(&volume, own_incarnation)?;
             let victim_key = node_key(&self.cluster, victim, incarnation);
-            let record = tokio::task::spawn_blocking(move || policy.fence(victim_key, now_ms()))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("fencing {victim_key} on {volume}: {e}"))?;
+            // Opening the devices blocks (open(2), probing commands) like the fence
+            // itself: both run off the async runtime, which must keep heartbeats going.
+            let fencer = self.clone();
+            let record = tokio::task::spawn_blocking(move || {
+                let policy = fencer.policy(&volume, own_incarnation)?;
+                policy
+                    .fence(victim_key, now_ms())
+                    .map_err(|e| format!("fencing {victim_key} on {volume}: {e}"))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
             Ok(serde_json::to_string(&record).unwrap_or_else(|_| format!("{record:?}")))
         })
     }
@@ -154,12 +160,16 @@ impl Fencer for ReservationFencer {
         Box::pin(async move {
             self.set_incarnation(incarnation);
             for (volume, _, _) in &self.volumes {
-                let policy = self.policy(volume, incarnation)?;
+                let fencer = self.clone();
                 let name = volume.clone();
-                let record = tokio::task::spawn_blocking(move || policy.unfence(now_ms()))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("unfencing {name}: {e}"))?;
+                let record = tokio::task::spawn_blocking(move || {
+                    let policy = fencer.policy(&name, incarnation)?;
+                    policy
+                        .unfence(now_ms())
+                        .map_err(|e| format!("unfencing {name}: {e}"))
+                })
+                .await
+                .map_err(|e| e.to_string())??;
                 if !record.is_complete() {
                     return Err(format!(
                         "registered on only some paths of {volume}: {:?}",
