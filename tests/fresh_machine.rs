@@ -10,7 +10,7 @@ fn the_daemon_and_tools_build_without_bindgen_or_libclang() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "--offline", "--locked", "-e", "normal,build"])
+        .args(["tree", "--locked", "-e", "normal,build"])
         .args([
             "-p",
             "tandem",
