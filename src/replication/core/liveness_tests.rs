@@ -564,6 +564,20 @@ fn a_trim_wider_than_the_activity_log_runs_in_pieces_and_completes_once() {
 }
 
 impl Pair {
+    /// Runs everything until node 1's local operation `tag` is about to complete, and
+    /// returns that completion without running it (the test decides when it happens).
+    fn run_until_node1_completes(&mut self, tag: IoTag) -> Event {
+        loop {
+            let found = self.disk[1]
+                .iter()
+                .position(|e| matches!(e, Event::LocalDone { tag: t, .. } if *t == tag));
+            if let Some(at) = found {
+                return self.disk[1].remove(at).expect("found");
+            }
+            assert!(self.step_once(), "node 1 never ran {tag:?}");
+        }
+    }
+
     /// Runs one queued thing (a local completion or a delivery); false if none was left.
     fn step_once(&mut self) -> bool {
         for node in 0..2 {
@@ -588,21 +602,7 @@ fn a_sync_done_flush_from_an_earlier_connection_does_not_end_a_later_resync() {
     let mut p = Pair::new();
     p.write_alone(&[0, 1, 2, 3]);
     p.link_up();
-    let sync_done = |e: &Event| {
-        matches!(
-            e,
-            Event::LocalDone {
-                tag: IoTag::SyncDone,
-                ..
-            }
-        )
-    };
-    let held = loop {
-        if let Some(at) = p.disk[1].iter().position(sync_done) {
-            break p.disk[1].remove(at).expect("found");
-        }
-        assert!(p.step_once(), "the resync never ended");
-    };
+    let held = p.run_until_node1_completes(IoTag::SyncDone);
     // The connection is lost with the flush in flight; the primary writes on alone.
     p.link_down(None);
     p.answer_fence(true);
@@ -634,22 +634,10 @@ fn a_sync_done_flush_from_an_earlier_connection_does_not_end_a_later_resync() {
 fn a_barrier_flush_of_a_lost_connection_is_not_acked_on_the_next() {
     let mut p = Pair::new();
     p.write(1, 3);
+    // The number the flush's barrier gets.
+    let number = p.r[0].barrier;
     p.step(0, Event::AppFlush { req: ReqId(2) });
-    let barrier_flush = |e: &Event| {
-        matches!(
-            e,
-            Event::LocalDone {
-                tag: IoTag::Barrier(_),
-                ..
-            }
-        )
-    };
-    let held = loop {
-        if let Some(at) = p.disk[1].iter().position(barrier_flush) {
-            break p.disk[1].remove(at).expect("found");
-        }
-        assert!(p.step_once(), "the secondary never flushed the barrier");
-    };
+    let held = p.run_until_node1_completes(IoTag::Barrier(number));
     p.link_down(None);
     p.answer_fence(true);
     p.link_up();
