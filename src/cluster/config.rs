@@ -417,8 +417,7 @@ impl Config {
                     format!("{size} bytes: must be at least 1 MiB and a multiple of 4 KiB"),
                 ));
             }
-            let al_range =
-                crate::store::activity_log::MIN_EXTENTS..=crate::store::activity_log::MAX_EXTENTS;
+            let al_range = crate::store::activity_log::EXTENTS;
             if !al_range.contains(&volume.al_extents) {
                 return Err(err(
                     key("al_extents"),

@@ -994,10 +994,10 @@ impl Replica {
         if self.role == Role::Secondary && !self.writes.is_empty() {
             return Err("a secondary has application writes in flight".into());
         }
-        if self.al.extents().len() > usize::try_from(self.al.capacity()).unwrap_or(usize::MAX) {
+        let hot = self.al.extents().len();
+        if hot > usize::try_from(self.al.capacity()).unwrap_or(usize::MAX) {
             return Err(format!(
-                "activity log holds {} extents, more than its {}",
-                self.al.extents().len(),
+                "activity log holds {hot} extents, more than its {}",
                 self.al.capacity()
             ));
         }
@@ -2199,12 +2199,10 @@ impl Replica {
         }
         out.push(Action::Notify(Notice::PeerRole { role: None }));
         // Writes the peer may not have: mark them out of sync.
+        self.mark_unconfirmed_out_of_sync();
         let lost: Vec<Unconfirmed> = std::mem::take(&mut self.unconfirmed)
             .into_values()
             .collect();
-        for u in &lost {
-            self.bitmap.set_range(u.offset, u.len);
-        }
         if !lost.is_empty() {
             // Durable bits before the activity-log references go.
             let blocks = Self::bitmap_blocks(&mut self.bitmap);

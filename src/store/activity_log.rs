@@ -17,6 +17,8 @@ pub const MAX_EXTENTS: u32 = 1000;
 /// The fewest extents a log may have: a write of the largest size a request may have (4
 /// MiB, one default extent) can straddle two.
 pub const MIN_EXTENTS: u32 = 2;
+/// The sizes a log may be given (`al_extents` in the config and in `create-md`).
+pub const EXTENTS: std::ops::RangeInclusive<u32> = MIN_EXTENTS..=MAX_EXTENTS;
 
 /// What touching a range changed: the log must be persisted before the write is issued.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

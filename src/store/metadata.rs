@@ -376,7 +376,7 @@ impl MetadataFile {
             path: path.to_owned(),
             reason,
         };
-        let al_range = super::activity_log::MIN_EXTENTS..=MAX_EXTENTS;
+        let al_range = super::activity_log::EXTENTS;
         if !al_range.contains(&params.al_extents) {
             return Err(bad(format!(
                 "an activity log of {} extents: must be {} to {}",
