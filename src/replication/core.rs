@@ -35,7 +35,7 @@ use crate::store::activity_log::ActivityLog;
 use crate::store::bitmap::Bitmap;
 use crate::store::metadata::MdFlags;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// An application request, numbered by the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -700,6 +700,16 @@ pub struct Replica {
     reads: BTreeMap<ReqId, (u64, u64)>,
     /// Application reads served by the peer: request -> bytes asked for.
     peer_reads: BTreeMap<ReqId, u64>,
+    /// This node's own writes still on its disk (issued, not done), by request: they
+    /// outlive their request — a fenced primary fails a write whose local I/O is still
+    /// running — and a received write or resync block to the same place must land after
+    /// them, never under them.
+    disk_writes: BTreeMap<ReqId, (u64, u64)>,
+    /// Local reads (the application's, the peer's, a resync checksum) waiting for a
+    /// write to the same blocks that is still landing — received (the old primary may
+    /// have acknowledged it on receipt, protocol B) or this node's own (a fenced
+    /// request's): every later read must see it. (tag, offset, len, digest)
+    reads_waiting: Vec<(IoTag, u64, u64, bool)>,
     next_seq: u64,
     barrier: u32,
     // receiving side
@@ -732,6 +742,10 @@ pub struct Replica {
     app_rate_bytes_per_sec: u64,
     app_window_start_ms: u64,
     stats: Stats,
+    /// A clean shutdown was asked for: requests are refused and, once every write still
+    /// landing on the disk (own or received) has landed, the metadata is written back
+    /// and the core stops.
+    stopping: bool,
     stopped: bool,
     verify_mismatched_total: u64,
 }
@@ -822,6 +836,8 @@ impl Replica {
             next_trim_piece: 0,
             reads: BTreeMap::new(),
             peer_reads: BTreeMap::new(),
+            disk_writes: BTreeMap::new(),
+            reads_waiting: Vec::new(),
             next_seq: 1,
             barrier: 1,
             epoch_writes: 0,
@@ -847,6 +863,7 @@ impl Replica {
             app_rate_bytes_per_sec: 0,
             app_window_start_ms: 0,
             stats: Stats::default(),
+            stopping: false,
             stopped: false,
             verify_mismatched_total: 0,
         };
@@ -1040,7 +1057,20 @@ impl Replica {
     /// Feeds one event; returns the actions to run, in order.
     pub fn step(&mut self, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.stopped {
+        if self.stopping && !self.stopped {
+            // Only the disk's completions still matter.
+            if let Event::LocalDone {
+                tag,
+                result,
+                digest,
+            } = event
+            {
+                self.on_local_done(tag, result, digest, &mut out);
+                self.finish_shutdown(&mut out);
+                return out;
+            }
+        }
+        if self.stopping {
             if let Event::AppWrite { req, .. }
             | Event::AppTrim { req, .. }
             | Event::AppFlush { req }
@@ -1469,9 +1499,9 @@ impl Replica {
     /// received from the peer that is still being applied (a node just promoted may have
     /// some from the old primary), or a resync/verify request in flight.
     fn write_conflicts(&self, offset: u64, len: u64) -> bool {
-        self.writes
+        self.disk_writes
             .values()
-            .any(|w| w.local == Stage::Pending && overlaps(offset, len, w.offset, w.len))
+            .any(|&(o, l)| overlaps(offset, len, o, l))
             || self
                 .recv
                 .values()
@@ -1549,6 +1579,7 @@ impl Replica {
             self.need_alone(out);
         }
         if has_disk {
+            self.disk_writes.insert(req, (offset, len));
             match kind {
                 WriteKind::Write { fua } => out.push(Action::LocalWrite {
                     tag: IoTag::App(req),
@@ -1973,12 +2004,7 @@ impl Replica {
             || (self.disk == DiskState::Outdated && self.role == Role::Secondary);
         if local_ok {
             self.reads.insert(req, (offset, len));
-            out.push(Action::LocalRead {
-                tag: IoTag::App(req),
-                offset,
-                len,
-                digest: false,
-            });
+            self.read_after_writes_in_flight(IoTag::App(req), offset, len, false, out);
         } else if self.is_connected() && self.peer_disk == DiskState::UpToDate {
             self.peer_reads.insert(req, len);
             let msg = Msg::ReadRequest {
@@ -1998,6 +2024,40 @@ impl Replica {
         }
     }
 
+    /// Reads now, or once no write to these blocks is still landing.
+    pub(super) fn read_after_writes_in_flight(
+        &mut self,
+        tag: IoTag,
+        offset: u64,
+        len: u64,
+        digest: bool,
+        out: &mut Vec<Action>,
+    ) {
+        let landing = self
+            .recv
+            .values()
+            .map(|op| (op.offset, op.len))
+            .chain(self.disk_writes.values().copied())
+            .any(|(o, l)| overlaps(offset, len, o, l));
+        if landing {
+            self.reads_waiting.push((tag, offset, len, digest));
+        } else {
+            out.push(Action::LocalRead {
+                tag,
+                offset,
+                len,
+                digest,
+            });
+        }
+    }
+
+    /// A write landed: the reads that waited for it may run.
+    fn retry_waiting_reads(&mut self, out: &mut Vec<Action>) {
+        for (tag, offset, len, digest) in std::mem::take(&mut self.reads_waiting) {
+            self.read_after_writes_in_flight(tag, offset, len, digest, out);
+        }
+    }
+
     // ----- local completions -----
 
     fn on_local_done(
@@ -2013,6 +2073,19 @@ impl Replica {
         }
         match tag {
             IoTag::App(req) => {
+                if let Some((offset, len)) = self.disk_writes.remove(&req) {
+                    if !self.writes.contains_key(&req) {
+                        // Its request failed (fenced) while it ran: the extent it kept
+                        // may go now, and writes to the same blocks may start.
+                        self.al.end(offset, len);
+                        self.run_blocked(out);
+                    }
+                    if !self.recv.is_empty() {
+                        // A received write may have waited for this one.
+                        self.pump_recv(out);
+                    }
+                    self.retry_waiting_reads(out);
+                }
                 if let Some((offset, len)) = self.reads.remove(&req) {
                     if failed.is_none() {
                         out.push(Action::Complete {
@@ -2185,6 +2258,9 @@ impl Replica {
     fn connection_lost(&mut self, reason: &str, out: &mut Vec<Action>) {
         let _ = reason;
         self.handshake = None;
+        // The peer's reads went with its connection.
+        self.reads_waiting
+            .retain(|(tag, ..)| !matches!(tag, IoTag::PeerRead(_) | IoTag::CsumRead(_)));
         // A ResyncDone flush still in flight belongs to this connection's resync: its
         // generations must not be adopted by a later one. Likewise a barrier flush: its
         // ack would confirm a barrier of the next connection that happens to share its
@@ -2460,12 +2536,13 @@ impl Replica {
                     return Err(format!("ReadRequest of {len} bytes"));
                 }
                 if self.disk == DiskState::UpToDate {
-                    out.push(Action::LocalRead {
-                        tag: IoTag::PeerRead(id),
+                    self.read_after_writes_in_flight(
+                        IoTag::PeerRead(id),
                         offset,
-                        len: u64::from(len),
-                        digest: false,
-                    });
+                        u64::from(len),
+                        false,
+                        out,
+                    );
                 } else {
                     self.send(Msg::ReadReply { id, ok: false }, None, out);
                 }
@@ -2566,7 +2643,12 @@ impl Replica {
         let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
         for req in reqs {
             if let Some(w) = self.writes.remove(&req) {
-                if w.local != Stage::NotNeeded {
+                // A write still on the disk keeps its activity-log extent until it lands
+                // (`on_local_done`): a crash before then must resync those blocks. Landed
+                // or not, the peer may hold something else there: the bitmap says so.
+                if w.local == Stage::Pending {
+                    self.bitmap.set_range(w.offset, w.len);
+                } else if w.local != Stage::NotNeeded {
                     self.al.end(w.offset, w.len);
                 }
                 out.push(Action::Complete {
@@ -2673,6 +2755,7 @@ impl Replica {
             discard_my_data: self.discard_my_data,
             diskless: self.disk == DiskState::Diskless,
             inconsistent: self.disk == DiskState::Inconsistent,
+            outdated: self.disk == DiskState::Outdated,
         };
         let peer = SideInfo {
             node_id: h.node_id,
@@ -2685,6 +2768,7 @@ impl Replica {
             discard_my_data: h.discard_my_data,
             diskless: h.disk == DiskState::Diskless,
             inconsistent: h.disk == DiskState::Inconsistent,
+            outdated: h.disk == DiskState::Outdated,
         };
         // Both sides must compare the same facts: the epochs as sent in the two Hellos
         // (this node may just have adopted the peer's newer one).
@@ -2765,7 +2849,16 @@ impl Replica {
                 }
                 let mut sync_gen = None;
                 if source && self.md.generations.bitmap == 0 {
-                    let g = self.new_generation();
+                    // The bitmap now tracks the differences from this node's current
+                    // generation, which the target takes on at SyncStart. (Not a fresh
+                    // one: if SyncStart never arrives, the target is still at a generation
+                    // this node tracks or remembers, and writing alone later must not push
+                    // it out of the history — the pair would refuse each other as
+                    // unrelated.)
+                    let g = match self.md.generations.current {
+                        0 => self.new_generation(),
+                        current => current,
+                    };
                     self.md.generations.bitmap = g;
                     self.persist_sb(out);
                 }
@@ -2915,7 +3008,8 @@ impl Replica {
 
     /// Starts received writes in arrival order; an overlapping one waits for the earlier.
     fn pump_recv(&mut self, out: &mut Vec<Action>) {
-        let mut earlier: Vec<(u64, u64)> = Vec::new();
+        // This node's own writes still on the disk came first.
+        let mut earlier: Vec<(u64, u64)> = self.disk_writes.values().copied().collect();
         let mut to_start = Vec::new();
         for (n, op) in &self.recv {
             if !op.started
@@ -2964,6 +3058,7 @@ impl Replica {
         let Some(op) = self.recv.remove(&n) else {
             return;
         };
+        self.retry_waiting_reads(out);
         if self.is_connected() && op.conn == self.conn_gen {
             match op.kind {
                 RecvKind::Data { seq, .. } | RecvKind::Trim { seq, .. } => {
@@ -3143,37 +3238,84 @@ impl Replica {
                 self.cfg.resync.max_bytes_per_sec = max_bytes_per_sec;
             }
             Admin::Shutdown => {
+                self.fail_everything_waiting(out);
+                self.want_connect = false;
                 if self.conn != ConnState::StandAlone {
                     out.push(Action::Disconnect {
                         reason: "shutting down".into(),
                     });
+                    // The connection's state goes with it (a resync's end still being
+                    // flushed must not be adopted while the volume stops).
+                    self.connection_lost("shutting down", out);
+                    self.set_conn(ConnState::StandAlone, out);
                 }
-                // Writes the peer has not confirmed as durable: it may lose them if it
-                // crashes, so the next handshake must resync them (as a disconnect does).
-                self.mark_unconfirmed_out_of_sync();
-                self.unconfirmed.clear();
-                let blocks = {
-                    self.bitmap.mark_all_blocks_changed();
-                    Self::bitmap_blocks(&mut self.bitmap)
-                };
-                out.push(Action::PersistBitmap { blocks });
-                if self.writes.is_empty() {
-                    // Flushes the data, then records an empty log: a clean shutdown.
-                    self.al.clear();
-                    out.push(Action::PersistAl { extents: vec![] });
-                    self.md.flags.primary_crashed = false;
-                }
-                self.md.flags.was_primary = self.role == Role::Primary;
-                self.persist_sb(out);
-                for (req, _) in std::mem::take(&mut self.writes) {
-                    out.push(Action::Complete {
-                        req,
-                        result: Err(IoFailure::Io("volume shut down".into())),
-                    });
-                }
-                self.stopped = true;
-                out.push(Action::Stopped);
+                self.stopping = true;
+                // Received writes not started yet were acknowledged on receipt (protocol
+                // B): they are written before the volume stops.
+                self.pump_recv(out);
+                self.finish_shutdown(out);
             }
+        }
+    }
+
+    /// The end of a clean shutdown, once no write is landing on the disk any more (a
+    /// process that exits with writes in flight leaves their blocks undefined while its
+    /// metadata would call them clean).
+    fn finish_shutdown(&mut self, out: &mut Vec<Action>) {
+        if self.stopped || !self.disk_writes.is_empty() || !self.recv.is_empty() {
+            return;
+        }
+        // Writes the peer has not confirmed as durable: it may lose them if it crashes,
+        // so the next handshake must resync them (as a disconnect does).
+        self.mark_unconfirmed_out_of_sync();
+        self.unconfirmed.clear();
+        let blocks = {
+            self.bitmap.mark_all_blocks_changed();
+            Self::bitmap_blocks(&mut self.bitmap)
+        };
+        out.push(Action::PersistBitmap { blocks });
+        // Flushes the data, then records an empty log: a clean shutdown. Every write
+        // this node acknowledged completed here and the flush makes it durable; what the
+        // peer may lack is in the bitmap. So this node is no crashed primary: its data is
+        // the reference for those bits (a peer that loses power meanwhile must not become
+        // the source of its hot extents).
+        if self.disk != DiskState::Diskless {
+            self.al.clear();
+            out.push(Action::PersistAl { extents: vec![] });
+        }
+        self.md.flags.primary_crashed = false;
+        self.md.flags.was_primary = self.role == Role::Primary;
+        self.persist_sb(out);
+        self.stopped = true;
+        out.push(Action::Stopped);
+    }
+
+    /// Answers every application request still in the core with an error — in flight,
+    /// waiting for room or a gate, a trim's pieces, flushes, reads — and starts nothing:
+    /// the volume is going away (nothing may run after `Stopped`).
+    fn fail_everything_waiting(&mut self, out: &mut Vec<Action>) {
+        let mut failed = BTreeSet::new();
+        for (req, _) in std::mem::take(&mut self.writes) {
+            // A trim piece answers through its trim.
+            failed.insert(self.trim_pieces.remove(&req).unwrap_or(req));
+        }
+        self.trim_pieces.clear();
+        for op in std::mem::take(&mut self.blocked) {
+            let (BlockedOp::Write { req, .. }
+            | BlockedOp::Flush { req }
+            | BlockedOp::SplitTrim { req }) = op;
+            failed.insert(req);
+        }
+        failed.extend(std::mem::take(&mut self.split_trims).into_keys());
+        failed.extend(std::mem::take(&mut self.flushes).into_keys());
+        failed.extend(std::mem::take(&mut self.reads).into_keys());
+        failed.extend(std::mem::take(&mut self.peer_reads).into_keys());
+        self.reads_waiting.clear();
+        for req in failed {
+            out.push(Action::Complete {
+                req,
+                result: Err(IoFailure::Io("volume shut down".into())),
+            });
         }
     }
 

@@ -19,6 +19,9 @@ pub struct SideInfo {
     pub diskless: bool,
     /// The disk holds a partial resync (or was never synced): it can only be a target.
     pub inconsistent: bool,
+    /// The cluster recorded the disk as outdated (a deposed primary, a secondary left
+    /// behind): never the source for a disk that is not.
+    pub outdated: bool,
 }
 
 /// The outcome for "me".
@@ -79,13 +82,27 @@ fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> D
     }
     if m.current == p.current {
         // Same generation: only a crashed primary's activity log (or verify) left bits.
+        // A deposed primary (outdated by the cluster) may hold writes of its own in those
+        // extents — with protocols A and B even acknowledged ones — but the cluster chose
+        // its peer: it takes the peer's data.
+        match (me.outdated, peer.outdated) {
+            (true, false) => return Decision::Target { full: false },
+            (false, true) => return Decision::Source { full: false },
+            _ => {}
+        }
         return match (me.primary_crashed, peer.primary_crashed) {
             (true, false) if crashed_primary_is_target => Decision::Target { full: false },
             (false, true) if crashed_primary_is_target => Decision::Source { full: false },
             (true, false) => Decision::Source { full: false },
             (false, true) => Decision::Target { full: false },
-            _ if me.dirty_bits == 0 && peer.dirty_bits == 0 => Decision::NoSync,
-            _ => by_tiebreak(me, peer),
+            // Bits on one side only: that side knows of writes the other may lack (a
+            // primary that stopped with writes its peer had not confirmed).
+            _ => match (me.dirty_bits, peer.dirty_bits) {
+                (0, 0) => Decision::NoSync,
+                (_, 0) => Decision::Source { full: false },
+                (0, _) => Decision::Target { full: false },
+                _ => by_tiebreak(me, peer),
+            },
         };
     }
     let m_tracks_p = m.bitmap != 0 && m.bitmap == p.current;
@@ -200,6 +217,7 @@ mod tests {
             discard_my_data: false,
             diskless: false,
             inconsistent: false,
+            outdated: false,
         }
     }
 
@@ -273,6 +291,22 @@ mod tests {
             Decision::Source { full: false },
             "protocols A/B: the crashed primary's hot extents are the reference (DRBD)"
         );
+        // ... unless the cluster outdated it (it was deposed): the peer's data wins.
+        let deposed = SideInfo {
+            outdated: true,
+            ..crashed
+        };
+        let new_primary = SideInfo {
+            role: Role::Primary,
+            ..side(2, 7, 0, [0; 2])
+        };
+        for crashed_primary_is_target in [true, false] {
+            assert_eq!(
+                decide(&deposed, &new_primary, p, crashed_primary_is_target),
+                Decision::Target { full: false },
+                "a deposed primary is never the source of the primary that replaced it"
+            );
+        }
         // The peer is older than our bitmap window: full sync.
         assert_eq!(
             decide(&side(1, 9, 8, [7, 0]), &side(2, 7, 0, [0; 2]), p, true),
@@ -291,7 +325,7 @@ mod tests {
             0u64..3,
             any::<bool>(),
             any::<bool>(),
-            (any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
         )
             .prop_map(
                 move |(
@@ -304,7 +338,7 @@ mod tests {
                     since,
                     crashed,
                     discard,
-                    (primary, inconsistent),
+                    (primary, inconsistent, outdated),
                 )| {
                     SideInfo {
                         node_id: NodeId(node),
@@ -325,6 +359,7 @@ mod tests {
                         discard_my_data: discard,
                         diskless: false,
                         inconsistent,
+                        outdated: outdated && !inconsistent,
                     }
                 },
             )

@@ -99,10 +99,10 @@ pub struct GenerationIds {
 impl GenerationIds {
     /// Moves the bitmap generation into the history (after a finished resync).
     pub fn rotate_bitmap_into_history(&mut self) {
-        if self.bitmap != 0 {
+        if self.bitmap != 0 && self.bitmap != self.current {
             self.history = [self.bitmap, self.history[0]];
-            self.bitmap = 0;
         }
+        self.bitmap = 0;
     }
 
     /// Starts a new data generation, remembering the current one in `bitmap` if no

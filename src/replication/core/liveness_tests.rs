@@ -806,3 +806,86 @@ fn a_demote_with_unconfirmed_writes_ends_in_sync_once_the_peer_acks() {
         assert_eq!(p.r[node].bitmap().count(), 0, "node {node}");
     }
 }
+
+/// A clean shutdown with requests still waiting (writes for room in a full activity log,
+/// a trim in pieces, a flush): every request is answered with an error at once and no new
+/// I/O starts; the core stops — metadata written back as clean — only once the writes
+/// already on the disk have landed, and nothing runs after `Stopped`.
+#[test]
+fn a_shutdown_answers_every_waiting_request_and_stops_once_the_disk_is_idle() {
+    const MIB: u64 = 1 << 20;
+    let mut p = Pair::with(64 * MIB, 4);
+    for extent in 0..4 {
+        p.step(
+            0,
+            Event::AppWrite {
+                req: ReqId(extent + 1),
+                offset: extent * MIB,
+                len: BLOCK,
+                fua: false,
+            },
+        );
+    }
+    // Leave the four writes in flight (no settle): the log is full.
+    let waiting = [ReqId(5), ReqId(6), ReqId(7)];
+    for event in [
+        Event::AppTrim {
+            req: waiting[0],
+            offset: 8 * MIB,
+            len: 16 * MIB,
+            zeroes: false,
+        },
+        Event::AppWrite {
+            req: waiting[1],
+            offset: 9 * MIB,
+            len: BLOCK,
+            fua: false,
+        },
+        Event::AppFlush { req: waiting[2] },
+    ] {
+        // Their actions are never run: the requests stay waiting or in flight.
+        let _ = p.r[0].step(event);
+    }
+    let actions = p.r[0].step(Event::Admin(Admin::Shutdown));
+    for req in (1..=4).map(ReqId).chain(waiting) {
+        assert!(
+            actions.iter().any(|a| matches!(a,
+                Action::Complete { req: r, result: Err(_) } if *r == req)),
+            "{req:?} was not answered by the shutdown: {actions:?}"
+        );
+    }
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::LocalWrite { .. }
+                | Action::LocalTrim { .. }
+                | Action::Send { .. }
+                | Action::Stopped
+        )),
+        "the shutdown started I/O, or stopped with writes still landing: {actions:?}"
+    );
+    let mut stopped_with = None;
+    for req in 1..=4 {
+        let actions = p.r[0].step(Event::LocalDone {
+            tag: IoTag::App(ReqId(req)),
+            result: Ok(()),
+            digest: None,
+        });
+        if let Some(at) = actions.iter().position(|a| matches!(a, Action::Stopped)) {
+            assert!(
+                actions[at + 1..].is_empty(),
+                "actions after Stopped: {actions:?}"
+            );
+            stopped_with = Some((req, actions));
+        }
+    }
+    let (last, actions) = stopped_with.expect("the core stops once its writes landed");
+    assert_eq!(last, 4, "stopped before the last write landed");
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::PersistAl { extents } if extents.is_empty())),
+        "a clean stop records an empty activity log: {actions:?}"
+    );
+    assert!(p.r[0].is_stopped());
+}

@@ -103,12 +103,14 @@ impl Replica {
                 let id = self.next_id;
                 self.next_id += 1;
                 self.csum_reads.insert(id, (offset, u64::from(len), digest));
-                out.push(Action::LocalRead {
-                    tag: IoTag::CsumRead(id),
+                // A write still landing here would make the digest compare stale data.
+                self.read_after_writes_in_flight(
+                    IoTag::CsumRead(id),
                     offset,
-                    len: u64::from(len),
-                    digest: true,
-                });
+                    u64::from(len),
+                    true,
+                    out,
+                );
                 Ok(())
             }
             Msg::ResyncDone { generations } => {
@@ -172,6 +174,8 @@ impl Replica {
                     }));
                 }
                 self.pump_verify(out);
+                // An application write may have waited for this range.
+                self.run_blocked(out);
                 Ok(())
             }
             other => Err(format!("unexpected {}", other.name())),
@@ -183,7 +187,9 @@ impl Replica {
         self.md.generations = generations;
         self.md.flags.consistent = true;
         self.md.flags.outdated = false;
-        self.md.flags.primary_crashed = false;
+        // A write of this node's own still landing (a fenced request's) keeps the crash
+        // guard: if power fails before it lands, its extent must be resynced.
+        self.md.flags.primary_crashed &= !self.disk_writes.is_empty();
         self.bitmap.clear_all();
         let blocks = Self::bitmap_blocks(&mut self.bitmap);
         out.push(Action::PersistBitmap { blocks });
@@ -427,11 +433,17 @@ impl Replica {
                 .values()
                 .any(|q| overlaps(offset, len, q.offset, q.len));
             // A write still in flight locally could be missed by the resync read while the
-            // peer already has it: wait for it (the peer applies in arrival order).
+            // peer already has it: wait for it (the peer applies in arrival order). That
+            // includes a received write of an earlier connection still on the disk and a
+            // write whose request already failed (fenced) but whose local I/O still runs:
+            // landing after the read, either would leave this copy newer than the peer's.
             let busy_write = self
                 .writes
                 .values()
-                .any(|w| overlaps(offset, len, w.offset, w.len));
+                .map(|w| (w.offset, w.len))
+                .chain(self.disk_writes.values().copied())
+                .chain(self.recv.values().map(|op| (op.offset, op.len)))
+                .any(|(o, l)| overlaps(offset, len, o, l));
             if let Some(r) = self.resync.as_mut() {
                 r.cursor = run.end;
             }
@@ -466,7 +478,7 @@ impl Replica {
             && self.bitmap.count() == 0;
         if done {
             self.md.generations.rotate_bitmap_into_history();
-            if self.role == Role::Secondary {
+            if self.role == Role::Secondary && self.disk_writes.is_empty() {
                 self.md.flags.primary_crashed = false;
             }
             let generations = self.md.generations;
