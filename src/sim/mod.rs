@@ -1,15 +1,30 @@
 //! Seeded simulation of the replication core.
 //!
 //! Two [`Replica`] cores run against simulated disks (with a volatile write cache that a
-//! crash may lose), an ordered but cuttable network, a virtual clock, a small "cluster"
-//! that owns the epoch and the fencing hook, and a random workload. One `u64` seed drives
-//! everything: topology events, faults, latencies and the workload; `TANDEM_SEED=<n>`
-//! replays a failing run. After every step each core's `check_invariants()` runs, and the
+//! crash may lose; a flush makes durable what had completed when it was issued), an
+//! ordered but cuttable network, a virtual clock, a small "cluster" that owns the epoch
+//! and the fencing hook, and a random workload. One `u64` seed drives everything:
+//! topology events, faults, latencies and the workload; `TANDEM_SEED=<n>` replays a
+//! failing run. After every step each core's `check_invariants()` runs, and the
 //! invariants in [`invariants`] are checked at crashes, promotions and at the end.
-//! Optional faults (off by default, so old seeds replay): the cluster failing to record
-//! an outdate for a while (no leader), a slow fencing hook, and failovers that depose the
-//! old primary with `StepDown` instead of telling it the new epoch. Liveness is checked
-//! by `heal`: once the link is stable every request completes and every resync finishes.
+//!
+//! Faults and actions in the default mix: crashes (power loss of either node, also while
+//! the other is cleanly stopped), partitions, failovers, local I/O stalls of 50–500 ms,
+//! process pauses of 50–1500 ms, connection resets with an immediate reconnect, clean
+//! shutdowns, switchovers (demote, then promote the peer) and online verifies; barrier
+//! numbers start anywhere, often just below the wrap. Optional knobs: the cluster failing
+//! to record an outdate for a while (no leader), a slow fencing hook, failovers that
+//! depose the old primary with `StepDown`, quorum loss. [`SimConfig::first_model`] is the
+//! first simulator's mix (its regression seeds replay).
+//!
+//! What is checked: every write acknowledged survives (protocol C: any single failure;
+//! B: a primary's crash while the secondary lives; A: what the new primary holds becomes
+//! the truth at a failover — its trade-off); a completed FLUSH made every write
+//! acknowledged before it durable on the primary and, when it went through a barrier on
+//! one unbroken in-sync connection, on the peer too; the primary's reads return at least
+//! what was acknowledged before them; copies are identical whenever the pair is quiet and
+//! in sync. Liveness is checked by `heal`: once the link is stable every request
+//! completes and every resync finishes.
 //!
 //! ```text
 //!  workload ─► primary core ─► actions ─► disk (volatile ─flush─► stable)
@@ -77,10 +92,16 @@ pub fn seed_from_env(default: u64) -> u64 {
 }
 
 /// A disk: stable contents plus a volatile cache of completed, unflushed writes.
+///
+/// As with a real disk, a flush makes durable what had completed when it was *issued*;
+/// a write completing while it runs may stay in the cache.
 #[derive(Debug, Clone)]
 pub struct SimDisk {
     stable: Vec<u64>,
-    volatile: BTreeMap<u64, u64>,
+    /// Block → its cached versions, oldest first: (token, completion number). A flush
+    /// issued before a newer version completed still makes the older one durable.
+    volatile: BTreeMap<u64, Vec<(u64, u64)>>,
+    completions: u64,
 }
 
 impl SimDisk {
@@ -88,13 +109,15 @@ impl SimDisk {
         Self {
             stable: vec![0; usize::try_from(blocks).expect("small")],
             volatile: BTreeMap::new(),
+            completions: 0,
         }
     }
     /// What a read sees.
     pub fn read(&self, block: u64) -> u64 {
         self.volatile
             .get(&block)
-            .copied()
+            .and_then(|versions| versions.last())
+            .map(|&(token, _)| token)
             .unwrap_or_else(|| self.stable[usize::try_from(block).expect("small")])
     }
     /// What survives power loss for sure.
@@ -102,23 +125,46 @@ impl SimDisk {
         self.stable[usize::try_from(block).expect("small")]
     }
     fn write(&mut self, block: u64, token: u64) {
-        self.volatile.insert(block, token);
+        self.completions += 1;
+        self.volatile
+            .entry(block)
+            .or_default()
+            .push((token, self.completions));
     }
     /// A FUA write: durable on completion.
     fn write_through(&mut self, block: u64, token: u64) {
+        self.completions += 1;
         self.volatile.remove(&block);
         self.stable[usize::try_from(block).expect("small")] = token;
     }
+    /// Everything completed so far.
     fn flush(&mut self) {
-        for (b, t) in std::mem::take(&mut self.volatile) {
-            self.stable[usize::try_from(b).expect("small")] = t;
-        }
+        self.flush_up_to(u64::MAX);
+    }
+    /// What a flush issued now will cover once it completes.
+    fn flush_mark(&self) -> u64 {
+        self.completions
+    }
+    /// A flush issued at `mark` completes.
+    fn flush_up_to(&mut self, mark: u64) {
+        let stable = &mut self.stable;
+        self.volatile.retain(|&b, versions| {
+            let covered = versions.partition_point(|&(_, done)| done <= mark);
+            if covered > 0 {
+                stable[usize::try_from(b).expect("small")] = versions[covered - 1].0;
+                versions.drain(..covered);
+            }
+            !versions.is_empty()
+        });
     }
     /// Power loss: each cached block independently made it or not.
     fn crash(&mut self, rng: &mut SimRng) {
-        for (b, t) in std::mem::take(&mut self.volatile) {
-            if rng.chance(50) {
-                self.stable[usize::try_from(b).expect("small")] = t;
+        for (b, versions) in std::mem::take(&mut self.volatile) {
+            // Some of the cached versions reached the medium, in order, or none did.
+            let reached = rng.below(u64::try_from(versions.len()).expect("small") + 1);
+            if reached > 0 {
+                let last = usize::try_from(reached).expect("small") - 1;
+                self.stable[usize::try_from(b).expect("small")] = versions[last].0;
             }
         }
     }
@@ -150,7 +196,10 @@ enum LocalOp {
         len: u64,
         digest: bool,
     },
-    Flush,
+    /// Covers the writes completed up to this completion number of the disk.
+    Flush {
+        mark: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +244,8 @@ pub struct SimNode {
     connecting: bool,
     pending_outdate: bool,
     down_since_ms: u64,
+    /// Down after a clean shutdown (its disk intact), not a crash.
+    stopped_cleanly: bool,
     pub notices: Vec<Notice>,
 }
 
@@ -222,6 +273,32 @@ pub struct SimConfig {
     /// and a failover first suspends a reachable old primary: nothing may be acknowledged
     /// while suspended, and what was held completes or fails, never hangs.
     pub quorum_loss: bool,
+    /// Local I/O sometimes stalls for 50–500 ms (a slow flush, a busy disk), so that a
+    /// connection can break and come back while a node's I/O is still in flight.
+    pub stalls: bool,
+    /// A node's process now and then stops for 50–1500 ms (scheduling, GC-like pauses,
+    /// SIGSTOP): nothing reaches it meanwhile, and its peer may time it out.
+    pub pauses: bool,
+    /// The connection is reset now and then (both sides see it at once) and comes back
+    /// at the next tick: fast reconnects while writes, barriers and flushes are in flight.
+    pub resets: bool,
+    /// The operator's and cluster's own actions join the schedule: clean shutdowns
+    /// (either node), switchovers (demote, then promote the peer) and online verifies.
+    pub lifecycle: bool,
+}
+
+impl SimConfig {
+    /// The fault mix of the first simulator, without stalls, pauses, resets and
+    /// lifecycle actions: the regression seeds found with it replay the same schedules.
+    pub fn first_model() -> Self {
+        Self {
+            stalls: false,
+            pauses: false,
+            resets: false,
+            lifecycle: false,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -238,6 +315,10 @@ impl Default for SimConfig {
             fence_latency_ms: 1,
             step_down: false,
             quorum_loss: false,
+            stalls: true,
+            pauses: true,
+            resets: true,
+            lifecycle: true,
         }
     }
 }
@@ -265,6 +346,10 @@ pub struct SimReport {
     /// Times a primary lost quorum (I/O suspended) and got it back (resumed).
     pub quorum_holds: u64,
     pub quorum_resumes: u64,
+    pub resets: u64,
+    pub pauses: u64,
+    pub shutdowns: u64,
+    pub switchovers: u64,
 }
 
 /// The simulated world.
@@ -297,6 +382,10 @@ pub struct Sim {
     pending_app: BTreeMap<ReqId, (usize, AppKind)>,
     /// Nodes told `SuspendIo` and not resumed, demoted or restarted since.
     held: [bool; 2],
+    /// A paused node's process handles nothing before this time.
+    paused_until: [u64; 2],
+    /// Flushes submitted while the pair was connected and in sync: on which link.
+    flush_links: HashMap<ReqId, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -311,7 +400,12 @@ enum AppKind {
         positions: Vec<usize>,
     },
     Flush,
-    Read,
+    /// A read of one block; on the primary, `floor` is the newest write acknowledged
+    /// there when the read was submitted (what it must see at least).
+    Read {
+        block: u64,
+        floor: Option<Option<usize>>,
+    },
 }
 
 impl Sim {
@@ -358,6 +452,8 @@ impl Sim {
             },
             pending_app: BTreeMap::new(),
             held: [false; 2],
+            paused_until: [0; 2],
+            flush_links: HashMap::new(),
         };
         for id in 0..2u32 {
             let md = PersistedMd {
@@ -389,6 +485,7 @@ impl Sim {
                 connecting: false,
                 pending_outdate: false,
                 down_since_ms: 0,
+                stopped_cleanly: false,
                 notices: Vec::new(),
             });
         }
@@ -463,8 +560,18 @@ impl Sim {
         }
     }
 
+    /// Network latency.
     fn latency(&mut self) -> u64 {
         1 + self.rng.below(3)
+    }
+
+    /// Local I/O latency: mostly fast, sometimes a stall.
+    fn io_latency(&mut self) -> u64 {
+        if self.cfg.stalls && self.rng.chance(2) {
+            50 + self.rng.below(451)
+        } else {
+            1 + self.rng.below(3)
+        }
     }
 
     fn apply_one(&mut self, node: usize, action: Action) {
@@ -483,9 +590,14 @@ impl Sim {
                     DataRef::Payload(k) => n.payloads.remove(&k),
                     DataRef::Read(t) => n.reads.remove(&t),
                 }
-                .unwrap_or_else(|| panic!("node {node}: write data {data:?} missing"));
+                .unwrap_or_else(|| {
+                    panic!(
+                        "seed {}: node {node}: write data {data:?} missing",
+                        self.report.seed
+                    )
+                });
                 let incarnation = n.incarnation;
-                let at = now + self.latency();
+                let at = now + self.io_latency();
                 self.schedule(
                     at,
                     SimEvent::LocalDone {
@@ -504,7 +616,7 @@ impl Sim {
                 tag, offset, len, ..
             } => {
                 let incarnation = self.nodes[node].incarnation;
-                let at = now + self.latency();
+                let at = now + self.io_latency();
                 self.schedule(
                     at,
                     SimEvent::LocalDone {
@@ -522,7 +634,7 @@ impl Sim {
                 digest,
             } => {
                 let incarnation = self.nodes[node].incarnation;
-                let at = now + self.latency();
+                let at = now + self.io_latency();
                 self.schedule(
                     at,
                     SimEvent::LocalDone {
@@ -539,14 +651,15 @@ impl Sim {
             }
             Action::LocalFlush { tag } => {
                 let incarnation = self.nodes[node].incarnation;
-                let at = now + self.latency();
+                let mark = self.nodes[node].disk.flush_mark();
+                let at = now + self.io_latency();
                 self.schedule(
                     at,
                     SimEvent::LocalDone {
                         node,
                         incarnation,
                         tag,
-                        op: LocalOp::Flush,
+                        op: LocalOp::Flush { mark },
                     },
                 );
             }
@@ -586,7 +699,13 @@ impl Sim {
                     }
                 }
             }
-            Action::Complete { req, result } => self.on_complete(node, req, result.is_ok()),
+            Action::Complete { req, result } => {
+                let data = match result {
+                    Ok(Some(d)) => Some(self.take_data(node, d)),
+                    _ => None,
+                };
+                self.on_complete(node, req, result.is_ok(), data);
+            }
             Action::Connect => self.nodes[node].connecting = true,
             Action::Disconnect { .. } => self.tear_down(Some(node)),
             Action::OutdatePeer { request } => {
@@ -659,7 +778,7 @@ impl Sim {
                 }
                 self.nodes[node].notices.push(notice);
             }
-            Action::Stopped => {}
+            Action::Stopped => self.stopped(node),
         }
     }
 
@@ -703,7 +822,18 @@ impl Sim {
         }
     }
 
-    fn on_complete(&mut self, node: usize, req: ReqId, ok: bool) {
+    /// The tokens a completed read hands to the application.
+    fn take_data(&mut self, node: usize, data: DataRef) -> Vec<u64> {
+        let n = &mut self.nodes[node];
+        match data {
+            DataRef::App(req) => n.app_data.get(&req).cloned(),
+            DataRef::Payload(k) => n.payloads.remove(&k),
+            DataRef::Read(t) => n.reads.remove(&t),
+        }
+        .unwrap_or_default()
+    }
+
+    fn on_complete(&mut self, node: usize, req: ReqId, ok: bool, data: Option<Vec<u64>>) {
         let Some((_, kind)) = self.pending_app.remove(&req) else {
             return;
         };
@@ -711,7 +841,7 @@ impl Sim {
         if ok
             && self.held[node]
             && self.nodes[node].core.role() == Role::Primary
-            && !matches!(kind, AppKind::Read)
+            && !matches!(kind, AppKind::Read { .. })
         {
             panic!(
                 "seed {}: node {node} acknowledged {kind:?} while suspended for lack of quorum",
@@ -740,15 +870,138 @@ impl Sim {
                 }
             }
             AppKind::Flush => {
+                let link = self.flush_links.remove(&req);
                 if ok {
                     self.report.flushes += 1;
-                    self.oracle.flushed(req);
+                    // Submitted and completed on one link with the pair in sync: the
+                    // barrier's ack promised the peer's flush too.
+                    // (After a double failure acknowledged writes may be gone: no check.)
+                    let peer_too = link == Some(self.link) && self.in_sync() && !self.unsafe_crash;
+                    self.oracle.flushed(req, peer_too);
+                    let peer = 1 - node;
+                    if peer_too
+                        && let Err(e) = invariants::flush_order::check(
+                            &self.oracle,
+                            peer,
+                            &self.nodes[peer].disk,
+                        )
+                    {
+                        panic!(
+                            "seed {}: flush {req:?} completed on node {node}, but its peer's \
+                             stable storage lacks a write acknowledged before it: {e}",
+                            self.report.seed
+                        );
+                    }
                 }
             }
-            AppKind::Read => {
+            AppKind::Read { block, floor } => {
                 self.nodes[node].reads.remove(&IoTag::App(req));
+                if let (Some(floor), Some(tokens)) = (floor, data)
+                    && ok
+                    && !self.unsafe_crash
+                {
+                    let token = tokens.first().copied().unwrap_or_default();
+                    if let Err(e) = self.oracle.check_at_least(block, floor, token) {
+                        panic!(
+                            "seed {}: node {node}, primary, read {req:?} returned old data: {e}",
+                            self.report.seed
+                        );
+                    }
+                }
             }
         }
+    }
+
+    /// Connected, both disks up to date, nothing out of sync.
+    fn in_sync(&self) -> bool {
+        self.transport
+            && !self.lossy_link
+            && (0..2).all(|n| {
+                let c = &self.nodes[n].core;
+                self.nodes[n].up
+                    && c.conn() == ConnState::Connected
+                    && c.disk() == DiskState::UpToDate
+                    && c.bitmap().count() == 0
+            })
+    }
+
+    /// The node's process ended after a clean shutdown: its disk keeps everything.
+    fn stopped(&mut self, node: usize) {
+        tracing::trace!(node, "stopped");
+        self.held[node] = false;
+        let n = &mut self.nodes[node];
+        n.up = false;
+        n.stopped_cleanly = true;
+        n.incarnation += 1;
+        n.app_data.clear();
+        n.payloads.clear();
+        n.reads.clear();
+        n.connecting = false;
+        n.down_since_ms = self.now_ms;
+        self.pending_app.retain(|_, (owner, _)| *owner != node);
+        self.oracle.node_crashed(node);
+    }
+
+    /// A clean shutdown of either node (the cluster replaces a primary that stops).
+    fn shutdown(&mut self) {
+        let node = usize::try_from(self.rng.below(2)).expect("small");
+        if self.nodes[node].up && self.nodes[1 - node].up {
+            tracing::trace!(node, "shutdown");
+            self.report.shutdowns += 1;
+            self.admin(node, Admin::Shutdown);
+        }
+    }
+
+    /// A planned switchover: the primary demotes (refused with I/O in flight), then the
+    /// cluster moves the epoch on and promotes the peer.
+    fn switchover(&mut self) {
+        let Some(old) = self.cluster_primary else {
+            return;
+        };
+        let new = 1 - old;
+        if !self.in_sync() || self.held[old] || self.nodes[new].pending_outdate {
+            return;
+        }
+        tracing::trace!(old, new, "switchover");
+        self.admin(old, Admin::Demote);
+        if self.nodes[old].core.role() != Role::Secondary {
+            return;
+        }
+        self.report.switchovers += 1;
+        self.cluster_epoch += 1;
+        self.cluster_primary = Some(new);
+        let epoch = Epoch(self.cluster_epoch);
+        self.admin(old, Admin::SetEpoch(epoch));
+        self.admin(new, Admin::SetEpoch(epoch));
+        self.admin(new, Admin::Promote { force: false });
+    }
+
+    /// An online verify, started by the primary while in sync.
+    fn verify(&mut self) {
+        if let Some(p) = self.primary()
+            && self.in_sync()
+        {
+            tracing::trace!(node = p, "verify");
+            self.admin(p, Admin::StartVerify);
+        }
+    }
+
+    /// The connection is reset; both sides reconnect at once.
+    fn reset(&mut self) {
+        if self.transport && !self.partitioned {
+            tracing::trace!("connection reset");
+            self.report.resets += 1;
+            self.tear_down(None);
+        }
+    }
+
+    /// A node's process stops for a while.
+    fn pause(&mut self) {
+        let node = usize::try_from(self.rng.below(2)).expect("small");
+        let ms = 50 + self.rng.below(1451);
+        tracing::trace!(node, ms, "pause");
+        self.report.pauses += 1;
+        self.paused_until[node] = self.paused_until[node].max(self.now_ms + ms);
     }
 
     fn primary(&self) -> Option<usize> {
@@ -835,6 +1088,9 @@ impl Sim {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         self.oracle.flush_submitted(req, p);
+        if self.in_sync() {
+            self.flush_links.insert(req, self.link);
+        }
         self.pending_app.insert(req, (p, AppKind::Flush));
         self.step_node(p, Event::AppFlush { req });
     }
@@ -847,7 +1103,15 @@ impl Sim {
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let block = self.rng.below(self.cfg.blocks);
-        self.pending_app.insert(req, (n, AppKind::Read));
+        // The cluster's primary must read what it acknowledged (after a double failure,
+        // or with protocol A after a failover, acknowledged writes may be gone).
+        let checked = self.cluster_primary == Some(n)
+            && self.nodes[n].core.role() == Role::Primary
+            && self.cfg.protocol != Protocol::A
+            && !self.unsafe_crash;
+        let floor = checked.then(|| self.oracle.floor(block));
+        self.pending_app
+            .insert(req, (n, AppKind::Read { block, floor }));
         self.step_node(
             n,
             Event::AppRead {
@@ -860,10 +1124,12 @@ impl Sim {
 
     fn crash(&mut self, node: usize) {
         let other = 1 - node;
-        if !self.nodes[node].up || !self.nodes[other].up {
+        // The other node up, or down after a clean shutdown with its disk intact (this
+        // crash is then a single failure too).
+        let other_stopped = !self.nodes[other].up && self.nodes[other].stopped_cleanly;
+        if !self.nodes[node].up || !(self.nodes[other].up || other_stopped) {
             return;
         }
-        tracing::trace!(node, "crash");
         self.report.crashes += 1;
         let survivor_in_sync = self.nodes[other].core.disk() == DiskState::UpToDate
             && self.nodes[other].core.conn() == ConnState::Connected
@@ -871,7 +1137,7 @@ impl Sim {
             && !self.lossy_link;
         // Mostly crash while the pair is in sync (single failures, the guarantee under
         // test); sometimes anyway (double failures: convergence is still checked).
-        if !survivor_in_sync && self.rng.chance(95) {
+        if !survivor_in_sync && !other_stopped && self.rng.chance(95) {
             return;
         }
         let node_was_primary = self.nodes[node].core.role() == Role::Primary;
@@ -909,6 +1175,7 @@ impl Sim {
         n.payloads.clear();
         n.reads.clear();
         n.connecting = false;
+        n.stopped_cleanly = false;
         n.down_since_ms = self.now_ms;
         self.pending_app.retain(|_, (owner, _)| *owner != node);
         self.oracle.node_crashed(node);
@@ -939,7 +1206,9 @@ impl Sim {
         let n = &mut self.nodes[node];
         n.core = core;
         n.up = true;
+        n.stopped_cleanly = false;
         n.incarnation += 1;
+        self.paused_until[node] = 0;
         if self.nodes[node].pending_outdate {
             self.admin(node, Admin::Outdate);
         }
@@ -970,6 +1239,18 @@ impl Sim {
                 "seed {}: promoting node {new} would lose an acknowledged write: {e}",
                 self.report.seed
             );
+        }
+        if self.cfg.protocol == Protocol::A {
+            // Protocol A acknowledges before the peer has the data: what the new primary
+            // lacks (the old one crashed, or stopped with writes still unsent) is lost by
+            // design. Its copy is the truth from here on; a completed FLUSH was checked on
+            // the peer when it completed.
+            for b in 0..self.cfg.blocks {
+                let token = self.nodes[new].disk.read(b);
+                if self.oracle.check_block(b, token).is_err() {
+                    self.oracle.rebase(b, token);
+                }
+            }
         }
         self.report.failovers += 1;
         self.cluster_epoch += 1;
@@ -1043,6 +1324,16 @@ impl Sim {
     }
 
     fn handle(&mut self, ev: SimEvent) {
+        let target = match &ev {
+            SimEvent::LocalDone { node, .. } | SimEvent::FenceDone { node, .. } => *node,
+            SimEvent::Deliver { to, .. } => *to,
+        };
+        if self.now_ms < self.paused_until[target] {
+            // A paused process handles it when it runs again, in the same order.
+            let at = self.paused_until[target];
+            self.schedule(at, ev);
+            return;
+        }
         match ev {
             SimEvent::LocalDone {
                 node,
@@ -1054,6 +1345,7 @@ impl Sim {
                     return;
                 }
                 let mut digest = None;
+                tracing::trace!(node, ?tag, ?op, "disk done");
                 {
                     let n = &mut self.nodes[node];
                     match op {
@@ -1089,7 +1381,7 @@ impl Sim {
                             }
                             n.reads.insert(tag, tokens);
                         }
-                        LocalOp::Flush => n.disk.flush(),
+                        LocalOp::Flush { mark } => n.disk.flush_up_to(mark),
                     }
                 }
                 self.step_node(
@@ -1174,7 +1466,9 @@ impl Sim {
     fn tick(&mut self) {
         let now = self.now_ms;
         for n in 0..2 {
-            self.step_node(n, Event::Tick { now_ms: now });
+            if now >= self.paused_until[n] {
+                self.step_node(n, Event::Tick { now_ms: now });
+            }
         }
         self.maybe_connect();
         // Whenever the pair is quiet and in sync, the copies must already be identical.
@@ -1242,6 +1536,26 @@ impl Sim {
         } else if cfg.quorum_loss && r < 67 {
             self.quorum_change();
         } else {
+            self.faults_or_time(&cfg);
+        }
+    }
+
+    /// The rest of the schedule: the newer fault kinds (each drawn only when enabled,
+    /// so the first model's seeds replay), else time passes.
+    fn faults_or_time(&mut self, cfg: &SimConfig) {
+        let extended = cfg.stalls || cfg.pauses || cfg.resets || cfg.lifecycle;
+        let f = if extended { self.rng.below(100) } else { 100 };
+        if cfg.resets && f < 3 {
+            self.reset();
+        } else if cfg.pauses && (3..5).contains(&f) {
+            self.pause();
+        } else if cfg.lifecycle && (5..6).contains(&f) {
+            self.shutdown();
+        } else if cfg.lifecycle && (6..8).contains(&f) {
+            self.switchover();
+        } else if cfg.lifecycle && f == 8 {
+            self.verify();
+        } else {
             let ms = 1 + self.rng.below(20);
             self.advance(ms);
         }
@@ -1270,12 +1584,28 @@ impl Sim {
         let deadline = self.now_ms + 120_000;
         while self.now_ms < deadline {
             self.advance(50);
+            // A clean shutdown asked for earlier may end only now (it waits for the
+            // writes still landing): the node comes back like the others.
+            for n in 0..2 {
+                if !self.nodes[n].up {
+                    self.restart(n);
+                    if self.primary().is_none() {
+                        self.failover();
+                    }
+                }
+            }
             let settled = (0..2).all(|n| {
                 let c = &self.nodes[n].core;
                 c.conn() == ConnState::Connected && c.bitmap().count() == 0
             }) && self.pending_app.is_empty()
                 && self.transport
-                && !self.lossy_link;
+                && !self.lossy_link
+                // No disk I/O still running (protocol A acknowledges before the peer's
+                // write, and a stalled one takes up to half a second).
+                && !self
+                    .events
+                    .values()
+                    .any(|e| matches!(e, SimEvent::LocalDone { .. }));
             if settled {
                 // Let trailing acks and barriers land.
                 self.advance(200);
@@ -1331,7 +1661,9 @@ pub fn run(seed: u64, cfg: SimConfig) -> Result<SimReport, String> {
     sim.heal()?;
     invariants::convergence::check(&sim.nodes[0].disk, &sim.nodes[1].disk)
         .map_err(|e| format!("seed {seed}: {e}"))?;
-    if !sim.unsafe_crash && cfg.protocol == Protocol::C {
+    // Protocol C: every acknowledged write survives any single failure; B: a primary's
+    // crash while the secondary lives (the end state is after such crashes).
+    if !sim.unsafe_crash && cfg.protocol != Protocol::A {
         for n in 0..2 {
             invariants::acked_writes::check(&sim.oracle, &sim.nodes[n].disk)
                 .map_err(|e| format!("seed {seed}: node {n} at the end: {e}"))?;

@@ -90,15 +90,49 @@ impl Oracle {
         self.flush_pending.insert(req, (node, self.acked.clone()));
     }
 
-    /// That flush completed successfully.
-    pub fn flushed(&mut self, req: ReqId) {
+    /// That flush completed successfully; with `peer_too` it promised the peer's
+    /// stable storage as well (it went through a barrier the peer acknowledged).
+    pub fn flushed(&mut self, req: ReqId, peer_too: bool) {
         if let Some((node, snapshot)) = self.flush_pending.remove(&req) {
-            for (f, s) in self.flushed[node].iter_mut().zip(snapshot) {
-                if let Some(s) = s {
-                    *f = Some(f.map_or(s, |x| x.max(s)));
+            let nodes: &[usize] = if peer_too { &[node, 1 - node] } else { &[node] };
+            for &n in nodes {
+                for (f, s) in self.flushed[n].iter_mut().zip(&snapshot) {
+                    if let Some(s) = *s {
+                        *f = Some(f.map_or(s, |x| x.max(s)));
+                    }
                 }
             }
         }
+    }
+
+    /// Protocol A lost acknowledged writes of `block` with its primary (its trade-off):
+    /// what the survivor holds, `token`, becomes the newest acknowledged state there, for
+    /// the acknowledged floor and the flushed floors of both nodes alike.
+    pub fn rebase(&mut self, block: u64, token: u64) {
+        let slot = Self::slot(block);
+        let floor = self.acked[slot];
+        let position = match self.index_of.get(&token) {
+            Some(&(b, idx)) if b == block => Some(idx),
+            // Zeroes: the latest trim at or before the floor, or nothing ever written.
+            _ => floor.and_then(|f| self.history[slot][..=f].iter().rposition(|&t| t == 0)),
+        };
+        let lower = |f: &mut Option<usize>| {
+            if f.is_some_and(|x| position.is_none_or(|p| x > p)) {
+                *f = position;
+            }
+        };
+        lower(&mut self.acked[slot]);
+        for n in 0..2 {
+            lower(&mut self.flushed[n][slot]);
+        }
+        for (_, snapshot) in self.flush_pending.values_mut() {
+            lower(&mut snapshot[slot]);
+        }
+    }
+
+    /// The newest acknowledged write of `block` (its place in the block's history).
+    pub fn floor(&self, block: u64) -> Option<usize> {
+        self.acked[Self::slot(block)]
     }
 
     /// `node` crashed: its unanswered flushes are gone.
@@ -108,7 +142,17 @@ impl Oracle {
 
     /// Is `token` an acceptable content of `block` for a live copy?
     pub fn check_block(&self, block: u64, token: u64) -> Result<(), String> {
-        let Some(min) = self.acked[Self::slot(block)] else {
+        self.check_at_least(block, self.acked[Self::slot(block)], token)
+    }
+
+    /// Is `token` at or after history position `floor` of `block` (a [`Oracle::floor`])?
+    pub fn check_at_least(
+        &self,
+        block: u64,
+        floor: Option<usize>,
+        token: u64,
+    ) -> Result<(), String> {
+        let Some(min) = floor else {
             return Ok(());
         };
         if token == 0 && self.trimmed_since(block, min) {

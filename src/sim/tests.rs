@@ -44,6 +44,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.quorum_resumes += report.quorum_resumes;
         runs_done += 1;
     }
+    eprintln!("{total:?}");
+    if forced.is_some() {
+        // One replayed seed proves nothing about the mix.
+        return total;
+    }
     // With protocol C most runs must get the full acknowledged-write check (not only
     // convergence); protocols A and B do not promise it.
     assert!(
@@ -55,7 +60,6 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     assert!(total.acked_writes > 100, "{total:?}");
     assert!(total.flushes > 10, "{total:?}");
     assert!(total.acked_trims > 0, "{total:?}");
-    eprintln!("{total:?}");
     total
 }
 
@@ -162,14 +166,108 @@ fn a_primary_without_quorum_acknowledges_nothing_and_what_it_held_completes_or_f
 
 #[test]
 fn regression_seeds_stay_fixed() {
+    // Found by the first model (no stalls, pauses, resets or lifecycle actions):
     // 1323: a stale write from the fenced primary, still being applied on the node just
     // promoted, overtook the new primary's acknowledged write to the same block.
-    let seeds: &[u64] = &[1323];
-    for &seed in seeds {
-        run(seed, SimConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-    }
+    run(1323, SimConfig::first_model()).unwrap_or_else(|e| panic!("{e}"));
     // 31176: after a reconnect the writes waiting for the fencing gate were resent in
     // request-id order, not the order they started; a trim piece (ids of its own) that
     // started before an overlapping write reached the peer after it and zeroed it there.
-    run(31_176, fencing_trouble()).unwrap_or_else(|e| panic!("{e}"));
+    let first_fencing_trouble = SimConfig {
+        stalls: false,
+        pauses: false,
+        resets: false,
+        lifecycle: false,
+        ..fencing_trouble()
+    };
+    run(31_176, first_fencing_trouble).unwrap_or_else(|e| panic!("{e}"));
+
+    // Found while stalls, pauses, resets, shutdowns, switchovers, verifies, read checks,
+    // per-protocol durability and the flush-on-issue disk model joined the mix; each
+    // failed on the code before its fix with the model as it was then (the model grew
+    // after some of them, so a seed's schedule today may reach its bug differently).
+    let protocol = |protocol| SimConfig {
+        protocol,
+        ..SimConfig::default()
+    };
+    let quorum = SimConfig {
+        quorum_loss: true,
+        step_down: true,
+        partition_percent: 3,
+        ..SimConfig::default()
+    };
+    let checksum = SimConfig {
+        checksum_resync: true,
+        ..SimConfig::default()
+    };
+    let cases: &[(u64, SimConfig, &str)] = &[
+        (
+            1011,
+            SimConfig::default(),
+            "a shutdown started writes waiting for room after Stopped",
+        ),
+        (
+            1025,
+            SimConfig::default(),
+            "a fenced primary's stalled write landed over resync data",
+        ),
+        (
+            40_009,
+            quorum,
+            "a resync read ran under a received write still landing",
+        ),
+        (
+            1223,
+            SimConfig::default(),
+            "a shutdown with a write still landing called itself clean",
+        ),
+        (
+            9018,
+            protocol(Protocol::B),
+            "a new primary read before the writes it had acknowledged on receipt landed",
+        ),
+        (
+            30_077,
+            fencing_trouble(),
+            "an aborted resync start pushed the peer's generation out of the history",
+        ),
+        (
+            9019,
+            protocol(Protocol::B),
+            "a deposed, outdated primary became the new primary's sync source",
+        ),
+        (
+            5113,
+            checksum,
+            "a resync checksum read ran under a write still landing",
+        ),
+        (
+            30_147,
+            fencing_trouble(),
+            "a secondary that lost power became the source for a cleanly stopped primary's writes",
+        ),
+        (
+            1301,
+            SimConfig::default(),
+            "a resync's end cleared the crash guard of a write still landing",
+        ),
+        (
+            10_002,
+            protocol(Protocol::B),
+            "a shutdown dropped received writes it had acknowledged on receipt",
+        ),
+        (
+            1570,
+            SimConfig::default(),
+            "a shutdown kept the connection's resync end, adopted after the disconnect",
+        ),
+        (
+            9590,
+            protocol(Protocol::B),
+            "a write waiting for a verify range never ran once the verify passed it",
+        ),
+    ];
+    for (seed, cfg, what) in cases {
+        run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
 }
