@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// How long a clean shutdown waits for the writes still landing on the disk.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Records the peer as outdated (or refuses to) before a primary writes alone.
 ///
 /// The cluster implements it through its replicated log (needs quorum); standalone mode
@@ -312,9 +315,26 @@ impl Volume {
     pub async fn set_resync_rate(&self, max_bytes_per_sec: u64) -> Result<()> {
         self.admin(Admin::SetResyncRate { max_bytes_per_sec }).await
     }
-    /// Writes metadata back cleanly and stops the volume.
+    /// Writes metadata back cleanly and stops the volume. Returns once it has stopped:
+    /// the writes still landing on the disk land first (a process that exits before
+    /// would leave their blocks undefined while the metadata calls them clean).
     pub async fn shutdown(&self) -> Result<()> {
-        self.admin(Admin::Shutdown).await
+        self.admin(Admin::Shutdown).await?;
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.tx.closed())
+            .await
+            .is_err()
+        {
+            return Err(TandemError::VolumeState {
+                volume: self.name.to_string(),
+                operation: "Shutdown".into(),
+                reason: format!(
+                    "writes still in flight on the disk after {} s; the volume was not \
+                     stopped cleanly",
+                    SHUTDOWN_WAIT.as_secs()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The status snapshot.
