@@ -2266,6 +2266,9 @@ impl Replica {
         // ack would confirm a barrier of the next connection that happens to share its
         // number.
         self.sync_done_pending = None;
+        // So does a checksum compare still being read or flushed: its "in sync" answer
+        // would clear the bits of a later resync's request for the same range.
+        self.csum_reads.clear();
         if self.barrier_flushing.is_some() {
             self.barrier_flush_stale = true;
         }

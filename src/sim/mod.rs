@@ -567,7 +567,7 @@ impl Sim {
 
     /// Local I/O latency: mostly fast, sometimes a stall.
     fn io_latency(&mut self) -> u64 {
-        if self.cfg.stalls && self.rng.chance(2) {
+        if self.cfg.stalls && self.rng.chance(5) {
             50 + self.rng.below(451)
         } else {
             1 + self.rng.below(3)
