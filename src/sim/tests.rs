@@ -238,7 +238,7 @@ fn regression_seeds_stay_fixed() {
         ),
         (
             5113,
-            checksum,
+            checksum.clone(),
             "a resync checksum read ran under a write still landing",
         ),
         (
@@ -265,6 +265,11 @@ fn regression_seeds_stay_fixed() {
             9590,
             protocol(Protocol::B),
             "a write waiting for a verify range never ran once the verify passed it",
+        ),
+        (
+            5152,
+            checksum.clone(),
+            "a checksum compare of a lost connection answered 'in sync' on the next one",
         ),
     ];
     for (seed, cfg, what) in cases {
