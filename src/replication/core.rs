@@ -914,6 +914,11 @@ impl Replica {
     pub fn is_stopped(&self) -> bool {
         self.stopped
     }
+    /// Is a clean shutdown under way or done (nothing but the disk's completions is
+    /// taken any more)?
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
+    }
     /// Is a resync running?
     pub fn is_syncing(&self) -> bool {
         matches!(self.conn, ConnState::SyncSource | ConnState::SyncTarget)
@@ -1080,6 +1085,14 @@ impl Replica {
                     req,
                     result: Err(IoFailure::Refused("volume is shut down".into())),
                 });
+            } else if let Event::Admin(cmd) = event
+                && !matches!(cmd, Admin::Shutdown)
+            {
+                // Said, not swallowed: the cluster must not count on a promotion (or any
+                // other change) of a volume that is going away.
+                out.push(Action::Notify(Notice::Refused {
+                    reason: format!("{cmd:?} refused: the volume is shutting down"),
+                }));
             }
             return out;
         }
@@ -2259,8 +2272,12 @@ impl Replica {
         let _ = reason;
         self.handshake = None;
         // The peer's reads went with its connection.
-        self.reads_waiting
-            .retain(|(tag, ..)| !matches!(tag, IoTag::PeerRead(_) | IoTag::CsumRead(_)));
+        self.reads_waiting.retain(|(tag, ..)| {
+            !matches!(
+                tag,
+                IoTag::PeerRead(_) | IoTag::CsumRead(_) | IoTag::VerifyPeerRead(_)
+            )
+        });
         // A ResyncDone flush still in flight belongs to this connection's resync: its
         // generations must not be adopted by a later one. Likewise a barrier flush: its
         // ack would confirm a barrier of the next connection that happens to share its
@@ -2269,6 +2286,7 @@ impl Replica {
         // So does a checksum compare still being read or flushed: its "in sync" answer
         // would clear the bits of a later resync's request for the same range.
         self.csum_reads.clear();
+        self.verify_peer.clear();
         if self.barrier_flushing.is_some() {
             self.barrier_flush_stale = true;
         }

@@ -959,7 +959,11 @@ impl Sim {
             return;
         };
         let new = 1 - old;
-        if !self.in_sync() || self.held[old] || self.nodes[new].pending_outdate {
+        if !self.in_sync()
+            || self.held[old]
+            || self.nodes[new].pending_outdate
+            || (0..2).any(|n| self.nodes[n].core.is_stopping())
+        {
             return;
         }
         tracing::trace!(old, new, "switchover");
@@ -1227,7 +1231,11 @@ impl Sim {
             return;
         }
         let n = &self.nodes[new];
-        if !n.up || n.core.disk() != DiskState::UpToDate || n.core.is_syncing() || n.pending_outdate
+        if !n.up
+            || n.core.is_stopping()
+            || n.core.disk() != DiskState::UpToDate
+            || n.core.is_syncing()
+            || n.pending_outdate
         {
             return;
         }

@@ -144,12 +144,16 @@ impl Replica {
                 self.next_id += 1;
                 self.verify_peer
                     .insert(id, (offset, u64::from(len), digest));
-                out.push(Action::LocalRead {
-                    tag: IoTag::VerifyPeerRead(id),
+                // The primary's writes that arrived before this request and are still
+                // landing (acknowledged on receipt with protocol A or B) are part of what
+                // it compares: read after them, or the verify reports a false mismatch.
+                self.read_after_writes_in_flight(
+                    IoTag::VerifyPeerRead(id),
                     offset,
-                    len: u64::from(len),
-                    digest: true,
-                });
+                    u64::from(len),
+                    true,
+                    out,
+                );
                 Ok(())
             }
             Msg::VerifyReply { offset, len, equal } => {
