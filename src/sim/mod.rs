@@ -285,6 +285,9 @@ pub struct SimConfig {
     /// The operator's and cluster's own actions join the schedule: clean shutdowns
     /// (either node), switchovers (demote, then promote the peer) and online verifies.
     pub lifecycle: bool,
+    /// In one run out of five (chosen by the seed), the peer's read replies are sometimes
+    /// well framed but wrong: a block longer than the read asked for.
+    pub hostile_peer: bool,
 }
 
 impl SimConfig {
@@ -296,6 +299,7 @@ impl SimConfig {
             pauses: false,
             resets: false,
             lifecycle: false,
+            hostile_peer: false,
             ..Self::default()
         }
     }
@@ -319,6 +323,7 @@ impl Default for SimConfig {
             pauses: true,
             resets: true,
             lifecycle: true,
+            hostile_peer: true,
         }
     }
 }
@@ -350,6 +355,8 @@ pub struct SimReport {
     pub pauses: u64,
     pub shutdowns: u64,
     pub switchovers: u64,
+    /// Read replies the hostile peer made one block too long.
+    pub bad_replies: u64,
 }
 
 /// The simulated world.
@@ -782,7 +789,17 @@ impl Sim {
         }
     }
 
-    fn send_frame(&mut self, from: usize, frame: Frame) {
+    fn send_frame(&mut self, from: usize, mut frame: Frame) {
+        if self.cfg.hostile_peer
+            && self.report.seed.is_multiple_of(5)
+            && matches!(frame.msg, Msg::ReadReply { ok: true, .. })
+            && self.rng.chance(30)
+            && let Some(tokens) = frame.data.as_mut()
+        {
+            tracing::trace!(from, "a read reply one block too long");
+            self.report.bad_replies += 1;
+            tokens.push(0);
+        }
         // A link that lost a frame stays dead (TCP never skips a segment): only a new
         // connection, after the timeouts noticed, carries data again.
         if !self.transport || self.partitioned || self.lossy_link {
@@ -896,6 +913,16 @@ impl Sim {
             }
             AppKind::Read { block, floor } => {
                 self.nodes[node].reads.remove(&IoTag::App(req));
+                if let Some(tokens) = &data
+                    && tokens.len() != 1
+                {
+                    panic!(
+                        "seed {}: node {node} handed the application {} blocks for a \
+                         one-block read {req:?}",
+                        self.report.seed,
+                        tokens.len()
+                    );
+                }
                 if let (Some(floor), Some(tokens)) = (floor, data)
                     && ok
                     && !self.unsafe_crash

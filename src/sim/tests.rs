@@ -43,6 +43,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.step_downs += report.step_downs;
         total.quorum_holds += report.quorum_holds;
         total.quorum_resumes += report.quorum_resumes;
+        total.resets += report.resets;
+        total.pauses += report.pauses;
+        total.shutdowns += report.shutdowns;
+        total.switchovers += report.switchovers;
+        total.bad_replies += report.bad_replies;
         runs_done += 1;
     }
     eprintln!("{total:?}");
@@ -61,6 +66,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     assert!(total.acked_writes > 100, "{total:?}");
     assert!(total.flushes > 10, "{total:?}");
     assert!(total.acked_trims > 0, "{total:?}");
+    // ... and the newer fault kinds.
+    assert!(
+        total.resets > 0 && total.pauses > 0 && total.shutdowns > 0 && total.switchovers > 0,
+        "{total:?}"
+    );
     total
 }
 
