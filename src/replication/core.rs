@@ -3297,14 +3297,18 @@ impl Replica {
         out.push(Action::PersistBitmap { blocks });
         // Flushes the data, then records an empty log: a clean shutdown. Every write
         // this node acknowledged completed here and the flush makes it durable; what the
-        // peer may lack is in the bitmap. So this node is no crashed primary: its data is
-        // the reference for those bits (a peer that loses power meanwhile must not become
-        // the source of its hot extents).
+        // peer may lack is in the bitmap. So a primary stopping cleanly is no crashed
+        // primary: its data is the reference for those bits (a peer that loses power
+        // meanwhile must not become the source of its hot extents). A secondary keeps
+        // the flag: set, it comes from a crash (or a fencing) of an earlier life whose
+        // extents were not resynced yet, and only that resync may clear it.
         if self.disk != DiskState::Diskless {
             self.al.clear();
             out.push(Action::PersistAl { extents: vec![] });
         }
-        self.md.flags.primary_crashed = false;
+        if self.role == Role::Primary {
+            self.md.flags.primary_crashed = false;
+        }
         self.md.flags.was_primary = self.role == Role::Primary;
         self.persist_sb(out);
         self.stopped = true;

@@ -292,6 +292,11 @@ fn regression_seeds_stay_fixed() {
             fencing_trouble(),
             "a volume shutting down swallowed its promotion: the cluster deposed the old primary for it",
         ),
+        (
+            33_706,
+            fencing_trouble(),
+            "a crashed primary stopped cleanly before its resync and lost its crash flag",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
