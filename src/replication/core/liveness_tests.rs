@@ -436,18 +436,11 @@ fn a_flush_waiting_for_the_fencing_hook_completes_through_the_reconnected_peer()
     assert_eq!(p.fence_asked[0].len(), 0);
 }
 
-/// Hole: a full activity log grew instead of waiting. With every extent pinned (written,
-/// not yet confirmed by a BarrierAck), a write to a new extent made the log list more
-/// extents than its capacity; on a real disk the transaction was refused ("activity-log
-/// extents exceed the maximum") and the disk detached as failed. Now the write waits, the
-/// epoch is closed at once so that the peer's BarrierAck frees the extents, and the write
-/// then runs.
-#[test]
-fn a_full_activity_log_makes_writes_wait_and_frees_itself_through_a_barrier() {
+/// A 64 MiB pair whose primary has an activity log of four 1 MiB extents, filled by
+/// writes `ReqId(1..=4)`, one per extent (stepped, not settled: still in flight).
+fn a_log_of_four_extents_filled_by_four_writes() -> Pair {
     const MIB: u64 = 1 << 20;
     let mut p = Pair::with(64 * MIB, 4);
-    // Four writes fill the log (one extent each); their peer acks arrive, but no barrier
-    // was closed yet, so the extents stay pinned.
     for extent in 0..4 {
         p.step(
             0,
@@ -459,6 +452,21 @@ fn a_full_activity_log_makes_writes_wait_and_frees_itself_through_a_barrier() {
             },
         );
     }
+    p
+}
+
+/// Hole: a full activity log grew instead of waiting. With every extent pinned (written,
+/// not yet confirmed by a BarrierAck), a write to a new extent made the log list more
+/// extents than its capacity; on a real disk the transaction was refused ("activity-log
+/// extents exceed the maximum") and the disk detached as failed. Now the write waits, the
+/// epoch is closed at once so that the peer's BarrierAck frees the extents, and the write
+/// then runs.
+#[test]
+fn a_full_activity_log_makes_writes_wait_and_frees_itself_through_a_barrier() {
+    const MIB: u64 = 1 << 20;
+    // Four writes fill the log (one extent each); their peer acks arrive, but no barrier
+    // was closed yet, so the extents stay pinned.
+    let mut p = a_log_of_four_extents_filled_by_four_writes();
     p.settle();
     for req in 1..=4 {
         assert_eq!(p.result_of(ReqId(req)), Some(true));
@@ -814,18 +822,7 @@ fn a_demote_with_unconfirmed_writes_ends_in_sync_once_the_peer_acks() {
 #[test]
 fn a_shutdown_answers_every_waiting_request_and_stops_once_the_disk_is_idle() {
     const MIB: u64 = 1 << 20;
-    let mut p = Pair::with(64 * MIB, 4);
-    for extent in 0..4 {
-        p.step(
-            0,
-            Event::AppWrite {
-                req: ReqId(extent + 1),
-                offset: extent * MIB,
-                len: BLOCK,
-                fua: false,
-            },
-        );
-    }
+    let mut p = a_log_of_four_extents_filled_by_four_writes();
     // Leave the four writes in flight (no settle): the log is full.
     let waiting = [ReqId(5), ReqId(6), ReqId(7)];
     for event in [
