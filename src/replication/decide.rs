@@ -84,10 +84,12 @@ fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> D
         // Same generation: only a crashed primary's activity log (or verify) left bits.
         // A deposed primary (outdated by the cluster) may hold writes of its own in those
         // extents — with protocols A and B even acknowledged ones — but the cluster chose
-        // its peer: it takes the peer's data.
+        // its peer, now primary: it takes the primary's data. (Between two secondaries an
+        // outdate record may be stale — the link came back in sync — and the crash rules
+        // below decide.)
         match (me.outdated, peer.outdated) {
-            (true, false) => return Decision::Target { full: false },
-            (false, true) => return Decision::Source { full: false },
+            (true, false) if peer.role == Role::Primary => return Decision::Target { full: false },
+            (false, true) if me.role == Role::Primary => return Decision::Source { full: false },
             _ => {}
         }
         return match (me.primary_crashed, peer.primary_crashed) {

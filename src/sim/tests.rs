@@ -297,6 +297,11 @@ fn regression_seeds_stay_fixed() {
             fencing_trouble(),
             "a crashed primary stopped cleanly before its resync and lost its crash flag",
         ),
+        (
+            34_947,
+            fencing_trouble(),
+            "a stale outdate record made a current secondary the target of a crashed primary",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
