@@ -1512,13 +1512,7 @@ impl Replica {
     /// received from the peer that is still being applied (a node just promoted may have
     /// some from the old primary), or a resync/verify request in flight.
     fn write_conflicts(&self, offset: u64, len: u64) -> bool {
-        self.disk_writes
-            .values()
-            .any(|&(o, l)| overlaps(offset, len, o, l))
-            || self
-                .recv
-                .values()
-                .any(|op| overlaps(offset, len, op.offset, op.len))
+        self.write_landing_on(offset, len)
             || self.resync.as_ref().is_some_and(|r| {
                 r.in_flight
                     .values()
@@ -2046,13 +2040,7 @@ impl Replica {
         digest: bool,
         out: &mut Vec<Action>,
     ) {
-        let landing = self
-            .recv
-            .values()
-            .map(|op| (op.offset, op.len))
-            .chain(self.disk_writes.values().copied())
-            .any(|(o, l)| overlaps(offset, len, o, l));
-        if landing {
+        if self.write_landing_on(offset, len) {
             self.reads_waiting.push((tag, offset, len, digest));
         } else {
             out.push(Action::LocalRead {
@@ -2062,6 +2050,16 @@ impl Replica {
                 digest,
             });
         }
+    }
+
+    /// Is a write still landing on this range — received from the peer, or this node's
+    /// own (possibly of a request that already failed)?
+    pub(super) fn write_landing_on(&self, offset: u64, len: u64) -> bool {
+        self.recv
+            .values()
+            .map(|op| (op.offset, op.len))
+            .chain(self.disk_writes.values().copied())
+            .any(|(o, l)| overlaps(offset, len, o, l))
     }
 
     /// A write landed: the reads that waited for it may run.

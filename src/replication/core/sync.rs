@@ -444,10 +444,8 @@ impl Replica {
             let busy_write = self
                 .writes
                 .values()
-                .map(|w| (w.offset, w.len))
-                .chain(self.disk_writes.values().copied())
-                .chain(self.recv.values().map(|op| (op.offset, op.len)))
-                .any(|(o, l)| overlaps(offset, len, o, l));
+                .any(|w| overlaps(offset, len, w.offset, w.len))
+                || self.write_landing_on(offset, len);
             if let Some(r) = self.resync.as_mut() {
                 r.cursor = run.end;
             }
