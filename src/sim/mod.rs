@@ -591,19 +591,13 @@ impl Sim {
                 fua,
                 ..
             } => {
-                let n = &mut self.nodes[node];
-                let tokens = match data {
-                    DataRef::App(req) => n.app_data.get(&req).cloned(),
-                    DataRef::Payload(k) => n.payloads.remove(&k),
-                    DataRef::Read(t) => n.reads.remove(&t),
-                }
-                .unwrap_or_else(|| {
+                let tokens = self.take_data(node, data).unwrap_or_else(|| {
                     panic!(
                         "seed {}: node {node}: write data {data:?} missing",
                         self.report.seed
                     )
                 });
-                let incarnation = n.incarnation;
+                let incarnation = self.nodes[node].incarnation;
                 let at = now + self.io_latency();
                 self.schedule(
                     at,
@@ -671,12 +665,7 @@ impl Sim {
                 );
             }
             Action::Send { msg, data } => {
-                let n = &mut self.nodes[node];
-                let data = data.map(|d| match d {
-                    DataRef::App(req) => n.app_data.get(&req).cloned().unwrap_or_default(),
-                    DataRef::Read(t) => n.reads.remove(&t).unwrap_or_default(),
-                    DataRef::Payload(k) => n.payloads.remove(&k).unwrap_or_default(),
-                });
+                let data = data.map(|d| self.take_data(node, d).unwrap_or_default());
                 self.send_frame(
                     node,
                     Frame {
@@ -708,7 +697,7 @@ impl Sim {
             }
             Action::Complete { req, result } => {
                 let data = match result {
-                    Ok(Some(d)) => Some(self.take_data(node, d)),
+                    Ok(Some(d)) => Some(self.take_data(node, d).unwrap_or_default()),
                     _ => None,
                 };
                 self.on_complete(node, req, result.is_ok(), data);
@@ -840,14 +829,15 @@ impl Sim {
     }
 
     /// The tokens a completed read hands to the application.
-    fn take_data(&mut self, node: usize, data: DataRef) -> Vec<u64> {
+    /// The tokens behind a data reference of `node` (a payload or a read buffer is
+    /// handed over once; the application's data stays until its request completes).
+    fn take_data(&mut self, node: usize, data: DataRef) -> Option<Vec<u64>> {
         let n = &mut self.nodes[node];
         match data {
             DataRef::App(req) => n.app_data.get(&req).cloned(),
             DataRef::Payload(k) => n.payloads.remove(&k),
             DataRef::Read(t) => n.reads.remove(&t),
         }
-        .unwrap_or_default()
     }
 
     fn on_complete(&mut self, node: usize, req: ReqId, ok: bool, data: Option<Vec<u64>>) {
@@ -955,10 +945,16 @@ impl Sim {
     /// The node's process ended after a clean shutdown: its disk keeps everything.
     fn stopped(&mut self, node: usize) {
         tracing::trace!(node, "stopped");
+        self.node_down(node, true);
+    }
+
+    /// The node's process is gone (a clean stop or a crash): its requests, buffers and
+    /// unanswered flushes with it.
+    fn node_down(&mut self, node: usize, cleanly: bool) {
         self.held[node] = false;
         let n = &mut self.nodes[node];
         n.up = false;
-        n.stopped_cleanly = true;
+        n.stopped_cleanly = cleanly;
         n.incarnation += 1;
         n.app_data.clear();
         n.payloads.clear();
@@ -1197,19 +1193,8 @@ impl Sim {
             );
         }
         tracing::trace!(node, "crash");
-        self.held[node] = false;
-        let n = &mut self.nodes[node];
-        n.up = false;
-        n.incarnation += 1;
-        n.disk.crash(&mut self.rng);
-        n.app_data.clear();
-        n.payloads.clear();
-        n.reads.clear();
-        n.connecting = false;
-        n.stopped_cleanly = false;
-        n.down_since_ms = self.now_ms;
-        self.pending_app.retain(|_, (owner, _)| *owner != node);
-        self.oracle.node_crashed(node);
+        self.nodes[node].disk.crash(&mut self.rng);
+        self.node_down(node, false);
         if self.transport {
             // The survivor notices by ping timeout: frames just stop.
             self.transport = false;
@@ -1507,16 +1492,7 @@ impl Sim {
         }
         self.maybe_connect();
         // Whenever the pair is quiet and in sync, the copies must already be identical.
-        let quiet = self.queue.is_empty()
-            && self.transport
-            && !self.lossy_link
-            && (0..2).all(|n| {
-                let c = &self.nodes[n].core;
-                self.nodes[n].up
-                    && c.conn() == ConnState::Connected
-                    && c.bitmap().count() == 0
-                    && c.disk() == DiskState::UpToDate
-            });
+        let quiet = self.queue.is_empty() && self.in_sync();
         if quiet
             && let Err(e) = invariants::convergence::check(&self.nodes[0].disk, &self.nodes[1].disk)
         {
