@@ -92,11 +92,20 @@ fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> D
             (false, true) if me.role == Role::Primary => return Decision::Source { full: false },
             _ => {}
         }
-        return match (me.primary_crashed, peer.primary_crashed) {
+        // A crashed primary the cluster has since outdated was deposed: its crash no
+        // longer speaks for its data, even once the primary that replaced it has stopped
+        // (seed 14102: with protocol B the deposed one became the source and overwrote a
+        // write its peer had acknowledged on receipt).
+        let crashed = |side: &SideInfo| side.primary_crashed && !side.outdated;
+        return match (crashed(me), crashed(peer)) {
             (true, false) if crashed_primary_is_target => Decision::Target { full: false },
             (false, true) if crashed_primary_is_target => Decision::Source { full: false },
             (true, false) => Decision::Source { full: false },
             (false, true) => Decision::Target { full: false },
+            // An outdate record, stale or not, still ranks the copies: the cluster
+            // outdated that side after its peer last had the primary's writes.
+            _ if me.outdated && !peer.outdated => Decision::Target { full: false },
+            _ if peer.outdated && !me.outdated => Decision::Source { full: false },
             // Bits on one side only: that side knows of writes the other may lack (a
             // primary that stopped with writes its peer had not confirmed).
             _ => match (me.dirty_bits, peer.dirty_bits) {
@@ -307,6 +316,24 @@ mod tests {
                 decide(&deposed, &new_primary, p, crashed_primary_is_target),
                 Decision::Target { full: false },
                 "a deposed primary is never the source of the primary that replaced it"
+            );
+        }
+        // ... even after the primary that replaced it stopped cleanly (a secondary
+        // again, with writes of its own the deposed one never saw; seed 14102).
+        let replaced_and_stopped = SideInfo {
+            dirty_bits: 2,
+            ..side(2, 7, 0, [0; 2])
+        };
+        for crashed_primary_is_target in [true, false] {
+            assert_eq!(
+                decide(
+                    &deposed,
+                    &replaced_and_stopped,
+                    p,
+                    crashed_primary_is_target
+                ),
+                Decision::Target { full: false },
+                "a deposed primary's crash does not make it a source again"
             );
         }
         // The peer is older than our bitmap window: full sync.

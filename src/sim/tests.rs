@@ -302,6 +302,11 @@ fn regression_seeds_stay_fixed() {
             fencing_trouble(),
             "a stale outdate record made a current secondary the target of a crashed primary",
         ),
+        (
+            14_102,
+            protocol(Protocol::B),
+            "a deposed crashed primary became the source once its replacement had stopped",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
