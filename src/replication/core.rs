@@ -588,6 +588,8 @@ struct RecvOp {
     /// The connection it arrived on (`Replica::conn_gen`): only that connection may be
     /// answered about it, and its barrier number means something only there.
     conn: u64,
+    /// Pinned in the activity log: this node became primary while it was still landing.
+    al_pinned: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2352,9 +2354,13 @@ impl Replica {
             .map(|(n, _)| *n)
             .collect();
         for n in dropped {
-            if let Some(op) = self.recv.remove(&n)
-                && let RecvKind::Data { payload, .. } | RecvKind::Resync { payload } = op.kind
-            {
+            let Some(op) = self.recv.remove(&n) else {
+                continue;
+            };
+            if op.al_pinned {
+                self.al.end(op.offset, op.len);
+            }
+            if let RecvKind::Data { payload, .. } | RecvKind::Resync { payload } = op.kind {
                 out.push(Action::Release(DataRef::Payload(payload)));
             }
         }
@@ -3019,6 +3025,7 @@ impl Replica {
                 barrier,
                 started: false,
                 conn: self.conn_gen,
+                al_pinned: false,
             },
         );
         self.pump_recv(out);
@@ -3077,6 +3084,9 @@ impl Replica {
         let Some(op) = self.recv.remove(&n) else {
             return;
         };
+        if op.al_pinned {
+            self.al.end(op.offset, op.len);
+        }
         self.retry_waiting_reads(out);
         if self.is_connected() && op.conn == self.conn_gen {
             match op.kind {
@@ -3358,6 +3368,23 @@ impl Replica {
                 out,
             );
         }
+        if self.disk != DiskState::Diskless {
+            // The writes received as a secondary are this primary's data now: a crash
+            // must not lose any of them from the disk cache with no activity-log extent
+            // to say where (seed 46266). Those still landing are pinned in the log until
+            // they land; the AL transaction flushes those already done.
+            if !self.pin_received_writes(out) {
+                return refuse(
+                    format!(
+                        "promote refused: the activity log ({} extents) has no room for the \
+                         {} writes of the old primary still landing here",
+                        self.al.capacity(),
+                        self.recv.len()
+                    ),
+                    out,
+                );
+            }
+        }
         match self.disk {
             DiskState::UpToDate => {}
             DiskState::Consistent => {
@@ -3395,6 +3422,11 @@ impl Replica {
                 );
             }
         }
+        if self.disk != DiskState::Diskless {
+            out.push(Action::PersistAl {
+                extents: self.al.extents(),
+            });
+        }
         self.md.flags.was_primary = true;
         self.md.flags.primary_crashed = true;
         self.md.primary_since_ms = self.now_ms.max(1);
@@ -3419,6 +3451,48 @@ impl Replica {
                 self.connection_lost("initial sync", out);
             }
         }
+    }
+
+    /// Pins the extents of the received writes still landing in the activity log (a
+    /// node becoming primary). False, with nothing pinned, if the log has no room.
+    fn pin_received_writes(&mut self, out: &mut Vec<Action>) -> bool {
+        let unpinned: Vec<u64> = self
+            .recv
+            .iter()
+            .filter(|(_, op)| !op.al_pinned)
+            .map(|(n, _)| *n)
+            .collect();
+        let mut pinned = Vec::new();
+        let mut evicted = false;
+        for n in unpinned {
+            let Some(op) = self.recv.get_mut(&n) else {
+                continue;
+            };
+            match self.al.begin(op.offset, op.len) {
+                Ok(change) => {
+                    evicted |= change.is_some_and(|c| !c.evicted.is_empty());
+                    op.al_pinned = true;
+                    pinned.push(n);
+                }
+                Err(_) => {
+                    for n in pinned {
+                        if let Some(op) = self.recv.get_mut(&n) {
+                            op.al_pinned = false;
+                            self.al.end(op.offset, op.len);
+                        }
+                    }
+                    return false;
+                }
+            }
+        }
+        if evicted {
+            // Evicted extents' bits must be on disk before the log forgets them.
+            let blocks = Self::bitmap_blocks(&mut self.bitmap);
+            if !blocks.is_empty() {
+                out.push(Action::PersistBitmap { blocks });
+            }
+        }
+        true
     }
 
     fn set_role_quiet(&mut self, role: Role, out: &mut Vec<Action>) {

@@ -393,6 +393,10 @@ pub struct Sim {
     paused_until: [u64; 2],
     /// Flushes submitted while the pair was connected and in sync: on which link.
     flush_links: HashMap<ReqId, u64>,
+    /// The node the cluster made primary whose replica has not taken the role yet (it
+    /// refused, e.g. writes of the old primary were still landing): the cluster's
+    /// orchestrator asks again on its next round, and so does the simulation each tick.
+    promoting: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -461,6 +465,7 @@ impl Sim {
             held: [false; 2],
             paused_until: [0; 2],
             flush_links: HashMap::new(),
+            promoting: None,
         };
         for id in 0..2u32 {
             let md = PersistedMd {
@@ -496,8 +501,8 @@ impl Sim {
                 notices: Vec::new(),
             });
         }
-        sim.admin(0, Admin::Promote { force: false });
         sim.cluster_primary = Some(0);
+        sim.promote(0);
         sim.admin(0, Admin::Connect);
         sim.admin(1, Admin::Connect);
         sim
@@ -1000,7 +1005,7 @@ impl Sim {
         let epoch = Epoch(self.cluster_epoch);
         self.admin(old, Admin::SetEpoch(epoch));
         self.admin(new, Admin::SetEpoch(epoch));
-        self.admin(new, Admin::Promote { force: false });
+        self.promote(new);
     }
 
     /// An online verify, started by the primary while in sync.
@@ -1292,7 +1297,26 @@ impl Sim {
         }
         self.held[old] = false;
         self.admin(new, Admin::SetEpoch(epoch));
-        self.admin(new, Admin::Promote { force: false });
+        self.promote(new);
+    }
+
+    /// The cluster made `node` primary: its replica takes the role now or, if it
+    /// refuses, on a later tick (`retry_promotion`).
+    fn promote(&mut self, node: usize) {
+        self.promoting = Some(node);
+        self.admin(node, Admin::Promote { force: false });
+    }
+
+    fn retry_promotion(&mut self) {
+        let Some(node) = self.promoting else {
+            return;
+        };
+        let n = &self.nodes[node];
+        if self.cluster_primary != Some(node) || !n.up || n.core.role() == Role::Primary {
+            self.promoting = None;
+        } else if !n.core.is_stopping() && self.now_ms >= self.paused_until[node] {
+            self.admin(node, Admin::Promote { force: false });
+        }
     }
 
     /// Quorum is back for `node` (held): the cluster confirms it, or it was replaced.
@@ -1491,6 +1515,7 @@ impl Sim {
             }
         }
         self.maybe_connect();
+        self.retry_promotion();
         // Whenever the pair is quiet and in sync, the copies must already be identical.
         let quiet = self.queue.is_empty() && self.in_sync();
         if quiet

@@ -224,7 +224,7 @@ fn regression_seeds_stay_fixed() {
         ),
         (
             40_009,
-            quorum,
+            quorum.clone(),
             "a resync read ran under a received write still landing",
         ),
         (
@@ -306,6 +306,11 @@ fn regression_seeds_stay_fixed() {
             14_102,
             protocol(Protocol::B),
             "a deposed crashed primary became the source once its replacement had stopped",
+        ),
+        (
+            46_266,
+            quorum.clone(),
+            "a new primary crashed and lost a write of the old primary it was still landing",
         ),
     ];
     for (seed, cfg, what) in cases {
