@@ -1791,7 +1791,15 @@ impl Replica {
     fn open_alone(&mut self, out: &mut Vec<Action>) {
         let was_suspended = matches!(self.alone, AloneGate::Pending | AloneGate::Failed { .. });
         self.alone = AloneGate::Open;
-        if !self.alone_generation_done && self.disk != DiskState::Diskless {
+        let gens = self.md.generations;
+        // A bitmap generation other than the current one means the peer is already
+        // behind (at it or older) and every change since is in the bitmap: a new
+        // generation adds nothing, and each one pushes the peer's further out of the
+        // two-deep history until the pair refuses each other as unrelated (seed 15751,
+        // a primary cut off again and again). DRBD starts a new current UUID only when
+        // its bitmap UUID is empty, for the same reason.
+        let peer_already_behind = gens.bitmap != 0 && gens.bitmap != gens.current;
+        if !self.alone_generation_done && self.disk != DiskState::Diskless && !peer_already_behind {
             self.alone_generation_done = true;
             let g = self.new_generation();
             self.md.generations.start_new(g);

@@ -312,6 +312,11 @@ fn regression_seeds_stay_fixed() {
             quorum.clone(),
             "a new primary crashed and lost a write of the old primary it was still landing",
         ),
+        (
+            15_751,
+            protocol(Protocol::B),
+            "a primary cut off again and again pushed its peer's generation out of the history",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
