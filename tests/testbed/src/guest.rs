@@ -53,7 +53,12 @@ impl GuestSpec {
         Self {
             name: name.into(),
             script: script.into(),
-            env: Vec::new(),
+            // A test run with TANDEM_LOG set (tandemd's log filter) gets the same
+            // logging from the daemons in its guests: a failure report is only as good
+            // as their logs.
+            env: std::env::var("TANDEM_LOG")
+                .map(|filter| vec![("TANDEM_LOG".to_owned(), filter)])
+                .unwrap_or_default(),
             memory_mib: 1536,
             timeout: Duration::from_secs(600),
             disks: Vec::new(),
