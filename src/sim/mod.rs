@@ -951,6 +951,9 @@ impl Sim {
     fn stopped(&mut self, node: usize) {
         tracing::trace!(node, "stopped");
         self.node_down(node, true);
+        // Its sockets close with it: a connection made while it was stopping (ignored by
+        // its core) must not outlive the process (seed 18526: it blocked every later one).
+        self.tear_down(Some(node));
     }
 
     /// The node's process is gone (a clean stop or a crash): its requests, buffers and

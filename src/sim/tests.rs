@@ -317,6 +317,11 @@ fn regression_seeds_stay_fixed() {
             protocol(Protocol::B),
             "a primary cut off again and again pushed its peer's generation out of the history",
         ),
+        (
+            18_526,
+            SimConfig::default(),
+            "(the model) a connection made while both nodes stopped outlived them",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
