@@ -81,17 +81,28 @@ fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> D
         return Decision::Target { full: true };
     }
     if m.current == p.current {
-        // Same generation: only a crashed primary's activity log (or verify) left bits.
-        // A deposed primary (outdated by the cluster) may hold writes of its own in those
-        // extents — with protocols A and B even acknowledged ones — but the cluster chose
-        // its peer, now primary: it takes the primary's data. (Between two secondaries an
-        // outdate record may be stale — the link came back in sync — and the crash rules
-        // below decide.)
-        match (me.outdated, peer.outdated) {
-            (true, false) if peer.role == Role::Primary => return Decision::Target { full: false },
-            (false, true) if me.role == Role::Primary => return Decision::Source { full: false },
-            _ => {}
+        // Same generation: only a crashed primary's activity log (or verify) left bits,
+        // or a primary that stopped with writes its peer had not confirmed. Against a
+        // primary, the other side takes the primary's data whatever it holds: the
+        // cluster chose that primary after those writes — a deposed primary's (with
+        // protocols A and B even acknowledged ones, lost by design on failover) or one
+        // that stopped and was replaced (seed 38103: the stopped one became the source
+        // of the new primary, which refused, and the pair stayed apart).
+        let anything_differs = me.dirty_bits > 0
+            || peer.dirty_bits > 0
+            || me.primary_crashed
+            || peer.primary_crashed
+            || me.outdated
+            || peer.outdated;
+        if anything_differs {
+            match (me.role, peer.role) {
+                (Role::Secondary, Role::Primary) => return Decision::Target { full: false },
+                (Role::Primary, Role::Secondary) => return Decision::Source { full: false },
+                _ => {}
+            }
         }
+        // Between two secondaries an outdate record may be stale (the link came back in
+        // sync), so the crash rules below come first.
         // A crashed primary the cluster has since outdated was deposed: its crash no
         // longer speaks for its data, even once the primary that replaced it has stopped
         // (seed 14102: with protocol B the deposed one became the source and overwrote a
@@ -334,6 +345,24 @@ mod tests {
                 ),
                 Decision::Target { full: false },
                 "a deposed primary's crash does not make it a source again"
+            );
+        }
+        // A primary that stopped with unconfirmed writes, replaced by its peer: the new
+        // primary's data wins (seed 38103), for every protocol.
+        let stopped_with_bits = SideInfo {
+            dirty_bits: 13,
+            ..side(1, 7, 0, [0; 2])
+        };
+        for crashed_primary_is_target in [true, false] {
+            assert_eq!(
+                decide(
+                    &stopped_with_bits,
+                    &new_primary,
+                    p,
+                    crashed_primary_is_target
+                ),
+                Decision::Target { full: false },
+                "a secondary's bits never make it the source of a primary"
             );
         }
         // The peer is older than our bitmap window: full sync.

@@ -322,6 +322,11 @@ fn regression_seeds_stay_fixed() {
             SimConfig::default(),
             "(the model) a connection made while both nodes stopped outlived them",
         ),
+        (
+            38_103,
+            fencing_trouble(),
+            "a primary that stopped with unconfirmed writes became its replacement's source",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
