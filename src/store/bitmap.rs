@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 
 /// Default bytes covered by one bit.
 pub const DEFAULT_GRANULARITY: u32 = 4096;
-/// 64-bit words stored in one on-disk bitmap block (4096 bytes minus a 16-byte header).
+/// 64-bit words stored in one on-disk bitmap block (4096 bytes minus a 16-byte header,
+/// which holds the block's crc).
 pub const WORDS_PER_BLOCK: usize = 510;
 
 /// A dirty bitmap over a volume.

@@ -31,7 +31,19 @@ const MD_BLOCK_USIZE: usize = 4096;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"TANDEMMD";
 const AL_MAGIC: u32 = 0x5441_4c31; // "TAL1"
-const BM_MAGIC: u32 = 0x5442_4d31; // "TBM1"
+/// Bitmap blocks: magic, block index, crc32 (of the block with this field zeroed), 4
+/// spare bytes, then [`WORDS_PER_BLOCK`] words filling the block to its end. ("TBM1"
+/// blocks kept their crc in the last 4 bytes, over the upper half of the last word: dirty
+/// bits there were lost. They fail this check and load as all-dirty — one conservative
+/// resync of what they cover — and are rewritten in this form.)
+const BM_MAGIC: u32 = 0x5442_4d32; // "TBM2"
+/// Where a bitmap block keeps its crc.
+const BM_CRC_AT: usize = 8;
+/// Where a bitmap block's words start.
+const BM_WORDS_AT: usize = 16;
+// The words fill the block exactly, behind a header that holds the crc.
+const _: () = assert!(BM_WORDS_AT + 8 * WORDS_PER_BLOCK == MD_BLOCK_USIZE);
+const _: () = assert!(BM_CRC_AT + 4 <= BM_WORDS_AT);
 /// On-disk format version.
 pub const MD_VERSION: u32 = 1;
 /// Default number of activity-log transaction slots.
@@ -304,6 +316,10 @@ pub struct CreateParams {
     pub al_extents: u32,
     pub al_extent_bytes: u64,
     pub al_slots: u32,
+    /// The data area reads as zeros on every replica (a new sparse file or thin volume):
+    /// start consistent at a generation derived from the volume id, the same on every
+    /// replica, so no initial full sync runs (DRBD's `new-current-uuid --clear-bitmap`).
+    pub zeroed: bool,
 }
 
 impl CreateParams {
@@ -318,8 +334,20 @@ impl CreateParams {
             al_extents: super::activity_log::DEFAULT_EXTENTS,
             al_extent_bytes: super::activity_log::DEFAULT_EXTENT_BYTES,
             al_slots: DEFAULT_AL_SLOTS,
+            zeroed: false,
         }
     }
+}
+
+/// The generation every replica of a zeroed volume starts at: derived from the volume id
+/// alone, so separately created replicas agree, and never 0 ("no data yet").
+pub fn zeroed_generation(volume_id: VolumeId) -> u64 {
+    let [a, b] = [&volume_id.0[..8], &volume_id.0[8..]].map(|half| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(half);
+        u64::from_be_bytes(bytes)
+    });
+    (a ^ b.rotate_left(17)) | 1
 }
 
 /// The result of loading the bitmap.
@@ -369,8 +397,9 @@ impl MetadataFile {
 
     /// Writes fresh metadata to `path` (the backing device when internal).
     ///
-    /// The generation ids start at 0 ("no data yet"), the disk is Inconsistent, the bitmap
-    /// clear and the activity log empty.
+    /// The generation ids start at 0 ("no data yet") and the disk is Inconsistent — or,
+    /// with [`CreateParams::zeroed`], Consistent at the volume's zeroed generation — the
+    /// bitmap clear and the activity log empty.
     pub fn create(path: &Path, params: &CreateParams) -> Result<Self> {
         let bad = |reason: String| TandemError::BadMetadata {
             path: path.to_owned(),
@@ -419,7 +448,10 @@ impl MetadataFile {
         };
         let sb = Superblock {
             version: MD_VERSION,
-            flags: MdFlags::default(),
+            flags: MdFlags {
+                consistent: params.zeroed,
+                ..MdFlags::default()
+            },
             volume_id: params.volume_id,
             node_id: params.node_id,
             data_size_bytes: data_size,
@@ -428,7 +460,14 @@ impl MetadataFile {
             al_extent_bytes: params.al_extent_bytes,
             al_extents: params.al_extents,
             al_slots: params.al_slots,
-            generations: GenerationIds::default(),
+            generations: GenerationIds {
+                current: if params.zeroed {
+                    zeroed_generation(params.volume_id)
+                } else {
+                    0
+                },
+                ..GenerationIds::default()
+            },
             epoch: Epoch(0),
             primary_since_ms: 0,
             seq: 0,
@@ -625,14 +664,7 @@ impl MetadataFile {
             if idx >= self.layout.bitmap_blocks {
                 continue;
             }
-            let mut b = [0u8; MD_BLOCK_USIZE];
-            put32(&mut b, 0, BM_MAGIC);
-            put32(&mut b, 4, u32::try_from(block).unwrap_or(u32::MAX));
-            for (i, w) in bitmap.block_words(block).iter().enumerate() {
-                put64(&mut b, 16 + 8 * i, *w);
-            }
-            let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
-            put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+            let b = bitmap_block(block, bitmap.block_words(block));
             self.write_block(self.layout.bitmap_block(idx), &b)?;
         }
         Ok(())
@@ -651,14 +683,7 @@ impl MetadataFile {
                 ),
             });
         }
-        let mut b = [0u8; MD_BLOCK_USIZE];
-        put32(&mut b, 0, BM_MAGIC);
-        put32(&mut b, 4, u32::try_from(block).unwrap_or(u32::MAX));
-        for (i, w) in words.iter().enumerate() {
-            put64(&mut b, 16 + 8 * i, *w);
-        }
-        let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
-        put32(&mut b, MD_BLOCK_USIZE - 4, crc);
+        let b = bitmap_block(block, words);
         self.write_block(self.layout.bitmap_block(idx), &b)
     }
 
@@ -669,14 +694,12 @@ impl MetadataFile {
         let mut load = BitmapLoad::default();
         for idx in 0..self.layout.bitmap_blocks {
             let b = self.read_block(self.layout.bitmap_block(idx))?;
-            let ok = get32(&b, 0) == BM_MAGIC
-                && u64::from(get32(&b, 4)) == idx
-                && get32(&b, MD_BLOCK_USIZE - 4) == crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
+            let ok = bitmap_block_is_valid(&b, idx);
             if !ok {
                 load.bad_blocks.push(idx);
             }
             for i in 0..WORDS_PER_BLOCK {
-                words.push(if ok { get64(&b, 16 + 8 * i) } else { !0 });
+                words.push(if ok { get64(&b, BM_WORDS_AT + 8 * i) } else { !0 });
             }
         }
         bitmap.load_words(&words);
@@ -776,6 +799,28 @@ impl std::fmt::Display for MetadataDump {
     }
 }
 
+/// One on-disk bitmap block holding `words` (at most [`WORDS_PER_BLOCK`]).
+fn bitmap_block(block: usize, words: &[u64]) -> [u8; MD_BLOCK_USIZE] {
+    let mut b = [0u8; MD_BLOCK_USIZE];
+    put32(&mut b, 0, BM_MAGIC);
+    put32(&mut b, 4, u32::try_from(block).unwrap_or(u32::MAX));
+    for (i, w) in words.iter().take(WORDS_PER_BLOCK).enumerate() {
+        put64(&mut b, BM_WORDS_AT + 8 * i, *w);
+    }
+    let crc = crc32fast::hash(&b);
+    put32(&mut b, BM_CRC_AT, crc);
+    b
+}
+
+/// Is `b` an intact bitmap block number `idx` (magic, index and crc)?
+fn bitmap_block_is_valid(b: &[u8; MD_BLOCK_USIZE], idx: u64) -> bool {
+    let mut unsealed = *b;
+    put32(&mut unsealed, BM_CRC_AT, 0);
+    get32(b, 0) == BM_MAGIC
+        && u64::from(get32(b, 4)) == idx
+        && get32(b, BM_CRC_AT) == crc32fast::hash(&unsealed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,6 +873,67 @@ mod tests {
         f.write_all_at(&[0xff; 100], newest_copy_at + 40).unwrap();
         let md2 = MetadataFile::open(&path).unwrap();
         assert_eq!(md2.superblock().seq, md.superblock().seq - 1);
+    }
+
+    /// Hole: the block's crc was stored over the upper half of its last bitmap word, so
+    /// dirty bits there were lost (and the crc's own bits read back as dirty ones).
+    #[test]
+    fn every_bit_of_every_bitmap_block_round_trips() {
+        let path = temp("bitmap-words", 256 << 20);
+        let md = MetadataFile::create(
+            &path,
+            &CreateParams::new(VolumeId::from_name("v"), NodeId(1)),
+        )
+        .unwrap();
+        let (mut bitmap, _) = md.read_bitmap().unwrap();
+        assert_eq!(bitmap.count(), 0, "fresh metadata has no dirty bits");
+        let per_block = u64::try_from(WORDS_PER_BLOCK * 64).unwrap();
+        let granularity = u64::from(md.superblock().bitmap_granularity);
+        // The first and last bit of every word of block 0 and 1, the upper half included.
+        let mut want = Vec::new();
+        for block in 0..2u64 {
+            for word in 0..u64::try_from(WORDS_PER_BLOCK).unwrap() {
+                for bit in [0, 31, 32, 63] {
+                    want.push(block * per_block + word * 64 + bit);
+                }
+            }
+        }
+        for &bit in &want {
+            bitmap.set_range(bit * granularity, granularity);
+        }
+        let blocks = bitmap.take_changed_blocks();
+        md.write_bitmap_blocks(&bitmap, &blocks).unwrap();
+        let (loaded, load) = md.read_bitmap().unwrap();
+        assert!(load.bad_blocks.is_empty());
+        let lost: Vec<u64> = want.iter().copied().filter(|&b| !loaded.is_set(b)).collect();
+        assert!(lost.is_empty(), "dirty bits lost on disk: {lost:?}");
+        assert_eq!(loaded.count(), bitmap.count(), "bits that were never set");
+        // The raw-words writer (the replication core's PersistBitmap) agrees.
+        md.write_bitmap_words(1, loaded.block_words(1)).unwrap();
+        let (again, _) = md.read_bitmap().unwrap();
+        assert_eq!(again, loaded);
+    }
+
+    #[test]
+    fn zeroed_replicas_start_consistent_at_one_generation_of_their_volume() {
+        let create = |name: &str, volume: &str, node: u32, zeroed: bool| {
+            let mut params = CreateParams::new(VolumeId::from_name(volume), NodeId(node));
+            params.zeroed = zeroed;
+            MetadataFile::create(&temp(name, 8 << 20), &params)
+                .unwrap()
+                .superblock()
+                .clone()
+        };
+        let a = create("zeroed-a", "vol", 1, true);
+        let b = create("zeroed-b", "vol", 2, true);
+        assert!(a.flags.consistent && b.flags.consistent);
+        assert_ne!(a.generations.current, 0);
+        assert_eq!(a.generations, b.generations, "no initial sync between them");
+        let other = create("zeroed-other", "other", 2, true);
+        assert_ne!(other.generations.current, a.generations.current);
+        let fresh = create("not-zeroed", "vol", 2, false);
+        assert!(!fresh.flags.consistent);
+        assert_eq!(fresh.generations.current, 0, "a full initial sync decides");
     }
 
     #[test]
