@@ -273,6 +273,49 @@ fn garbage_on_the_replication_port_is_refused_and_metadata_stays_intact() {
 }
 
 #[test]
+fn replicas_created_zeroed_start_in_sync_without_an_initial_sync() {
+    let dir = scratch("repl-zeroed");
+    let a_img = create_backing_with(&dir, "a.img", SIZE, "vol", 1, &["--zeroed"]);
+    let b_img = create_backing_with(&dir, "b.img", SIZE, "vol", 2, &["--zeroed"]);
+    let addrs = PairAddrs::new();
+    let a = Replica::start(&dir, "a", "vol", &a_img, addrs.a, addrs.b, true, &[]);
+    let b = Replica::start(&dir, "b", "vol", &b_img, addrs.b, addrs.a, false, &[]);
+    for r in [&a, &b] {
+        r.wait_for("in sync at once", Duration::from_secs(10), |s| {
+            is_conn(s, "connected") && s["disk"] == "up-to-date" && s["peer_disk"] == "up-to-date"
+        });
+    }
+    // Up to date, so no --force: the cluster could promote it too.
+    a.ok(&["primary", "vol"]);
+    let mut c = NbdClient::connect(a.nbd.unwrap(), "vol").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    Rng(11).fill(&mut buf);
+    assert_eq!(c.write(3 << 20, &buf), 0);
+    assert_eq!(c.flush(), 0);
+    a.ok(&["verify", "vol"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !a.log_text().contains("VerifyFinished") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the verify never finished:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = a.status();
+    assert_eq!(s["verify_mismatched_bytes"], 0, "{s:#}");
+    assert_eq!(
+        s["stats"]["resync_sent_bytes"], 0,
+        "no initial sync ran: {s:#}"
+    );
+    let data = data_size(&a);
+    assert_eq!(
+        sha256_prefix(&a.backing, data),
+        sha256_prefix(&b.backing, data)
+    );
+}
+
+#[test]
 fn online_verify_finds_a_corrupted_block_and_a_reconnect_repairs_it() {
     use std::os::unix::fs::FileExt;
     let (_dir, a, b) = pair("repl-verify", &[], &[]);

@@ -33,6 +33,18 @@ pub fn scratch(test: &str) -> PathBuf {
 
 /// Creates a backing file with fresh metadata.
 pub fn create_backing(dir: &Path, name: &str, size: u64, volume: &str, node: u32) -> PathBuf {
+    create_backing_with(dir, name, size, volume, node, &[])
+}
+
+/// [`create_backing`] with more `create-md` arguments.
+pub fn create_backing_with(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    volume: &str,
+    node: u32,
+    extra: &[&str],
+) -> PathBuf {
     let path = dir.join(name);
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(size).unwrap();
@@ -40,6 +52,7 @@ pub fn create_backing(dir: &Path, name: &str, size: u64, volume: &str, node: u32
         .args(["create-md", "--backing"])
         .arg(&path)
         .args(["--volume", volume, "--node-id", &node.to_string(), "--json"])
+        .args(extra)
         .output()
         .unwrap();
     assert!(

@@ -2,7 +2,8 @@
 //!
 //! `create-md` writes fresh metadata (internal at the end of the backing device, or an
 //! external file) with generation ids 0 ("no data yet"); both replicas of a volume need
-//! the same `--volume` and different `--node-id`s. `dump-md` shows what is on disk, as
+//! the same `--volume` and different `--node-id`s (`--zeroed`: known-zero devices start
+//! consistent at a shared generation, with no initial full sync). `dump-md` shows what is on disk, as
 //! text or `--json`; a damaged superblock is reported with the reason.
 
 /// Writes a line to standard output (the tools' output; libraries never print).
@@ -44,6 +45,13 @@ pub struct CreateMdArgs {
     /// metadata writes under scattered writes, fewer means less to resync after a crash.
     #[arg(long, default_value_t = 257)]
     pub al_extents: u32,
+    /// The data area reads as zeros (a new sparse file, a new thin volume, a device
+    /// discarded with zeroing): the replica starts consistent, and replicas created this
+    /// way skip the initial full sync (DRBD's `new-current-uuid --clear-bitmap`). Give it
+    /// on every replica of the volume, and only when true: data left on a device is not
+    /// synced (`tandemctl verify` would find it).
+    #[arg(long)]
+    pub zeroed: bool,
     /// Overwrite existing metadata.
     #[arg(long)]
     pub force: bool,
@@ -81,6 +89,7 @@ pub fn create(args: CreateMdArgs) -> anyhow::Result<i32> {
     let mut params = CreateParams::new(volume_id, NodeId(args.node_id));
     params.bitmap_granularity = args.bitmap_granularity;
     params.al_extents = args.al_extents;
+    params.zeroed = args.zeroed;
     if args.external.is_some() {
         params.internal = false;
         let size = std::fs::File::open(&args.backing)
