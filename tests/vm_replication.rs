@@ -133,3 +133,111 @@ echo VM-REPLICATION-DONE
         read("uv-a.log")
     );
 }
+
+/// Issue-12's real-kernel check of the activity-log bound: on a replicated volume of more
+/// than 8 GiB exported through ublk, `blkdiscard` of the whole device and `mkfs.ext4`
+/// (which discards the whole device first, in pieces of up to the kernel's discard limit,
+/// several at a time) once detached the primary's disk. Now the primary stays UpToDate
+/// and connected, and `fsck -n` is clean on both copies. The replicas are created
+/// `--zeroed` (sparse files): an initial full sync of 8 GiB would take many minutes
+/// under TCG and proves nothing here.
+#[test]
+fn vm_whole_device_discards_and_mkfs_on_an_8_gib_ublk_volume_keep_both_copies_healthy() {
+    let kernel = GuestKernel::prepare().expect("the real-kernel test bed is required");
+    let dir = scratch_dir("vm-replication-discard").expect("scratch dir");
+    let out = dir.join("out");
+    let tandemd = workspace_binary("tandemd").expect("cargo build --workspace --bins first");
+    let tandemctl = workspace_binary("tandemctl").expect("cargo build --workspace --bins first");
+    let script = r#"
+set -e
+ip link set lo up
+modprobe ublk_drv
+mkdir -p /data /mnt/fs
+# Sparse backing files: only what is written takes memory.
+mount -t tmpfs -o size=1400m tmpfs /data
+cd /data
+D="$TANDEMD"; C="$TANDEMCTL"
+truncate -s 8260M big-a.img big-b.img
+$C create-md --backing big-a.img --volume big --node-id 1 --zeroed > /dev/null
+$C create-md --backing big-b.img --volume big --node-id 2 --zeroed > /dev/null
+$D replica --name big --backing big-a.img --listen 127.0.0.1:7103 --peer 127.0.0.2:7103 \
+  --control /data/a.sock --ublk > /out/big-a.log 2>&1 &
+echo $! > /data/a.pid
+$D replica --name big --backing big-b.img --listen 127.0.0.2:7103 --peer 127.0.0.1:7103 \
+  --control /data/b.sock > /out/big-b.log 2>&1 &
+echo $! > /data/b.pid
+for i in $(seq 200); do [ -S /data/a.sock ] && [ -S /data/b.sock ] && break; sleep 0.1; done
+healthy() {
+  $C --socket /data/a.sock replica status big --json > /out/status-$1.json
+  s=$(tr -d ' \n' < /out/status-$1.json)
+  for want in '"connection":"connected"' '"disk":"up-to-date"' '"peer_disk":"up-to-date"'; do
+    case "$s" in *"$want"*) ;; *) return 1 ;; esac
+  done
+  echo "HEALTHY $1"
+}
+for i in $(seq 300); do healthy start > /dev/null && break; sleep 0.1; done
+healthy start
+$C --socket /data/a.sock replica primary big
+for i in $(seq 100); do [ -b /dev/ublkb0 ] && break; sleep 0.1; done
+echo "SIZE $(blockdev --getsize64 /dev/ublkb0)"
+blkdiscard /dev/ublkb0 && echo BLKDISCARD-OK
+healthy after-blkdiscard
+mkfs.ext4 -q -F /dev/ublkb0 && echo MKFS-OK
+healthy after-mkfs
+mount /dev/ublkb0 /mnt/fs
+dd if=/dev/urandom of=/mnt/fs/data bs=1M count=8 2>/dev/null
+for i in $(seq 20); do echo "file $i" > /mnt/fs/small-$i; done
+rm /mnt/fs/small-1*
+fstrim -v /mnt/fs > /out/fstrim.txt 2>&1 && echo FSTRIM-OK
+umount /mnt/fs
+healthy after-fstrim
+fsck.ext4 -n -f /dev/ublkb0 > /out/fsck-primary.txt 2>&1 && echo "FSCK-CLEAN primary"
+$C --socket /data/b.sock replica sync big --timeout 120 > /out/final-sync.txt
+kill $(cat /data/a.pid) $(cat /data/b.pid)
+for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || kill -0 $(cat /data/b.pid) 2>/dev/null || break; sleep 0.1; done
+# The secondary's copy, read straight from its backing file (the file system ends where
+# the data area does; the metadata after it is not looked at).
+fsck.ext4 -n -f /data/big-b.img > /out/fsck-secondary.txt 2>&1 && echo "FSCK-CLEAN secondary"
+echo VM-DISCARD-DONE
+"#;
+    let spec = GuestSpec::new("discard", &dir, script)
+        .env("TANDEMD", tandemd.display())
+        .env("TANDEMCTL", tandemctl.display())
+        .out_dir(&out)
+        .memory_mib(2048)
+        .timeout(Duration::from_secs(480));
+    let outcome = tandem_testbed::run(&kernel, &spec).expect("guest run");
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let logs = format!(
+        "big-a.log:\n{}\nbig-b.log:\n{}\nconsole:\n{}",
+        read("big-a.log"),
+        read("big-b.log"),
+        outcome.console
+    );
+    assert_eq!(outcome.rc, Some(0), "guest failed\n{logs}");
+    for marker in [
+        "HEALTHY start",
+        "BLKDISCARD-OK",
+        "HEALTHY after-blkdiscard",
+        "MKFS-OK",
+        "HEALTHY after-mkfs",
+        "FSTRIM-OK",
+        "HEALTHY after-fstrim",
+        "FSCK-CLEAN primary",
+        "FSCK-CLEAN secondary",
+        "VM-DISCARD-DONE",
+    ] {
+        assert!(outcome.console.contains(marker), "missing {marker}\n{logs}");
+    }
+    let size: u64 = outcome
+        .lines_with("SIZE ")
+        .first()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(size >= 8 << 30, "the volume holds {size} bytes, not 8 GiB");
+    assert!(
+        !read("big-a.log").contains("detached"),
+        "the primary's disk was detached\n{logs}"
+    );
+    assert!(read("final-sync.txt").contains("in sync"), "{logs}");
+}
