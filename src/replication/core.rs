@@ -1005,8 +1005,8 @@ impl Replica {
         if self.bitmap.count() > self.bitmap.len_bits() {
             return Err("bitmap count exceeds its length".into());
         }
-        if !self.is_connected() && (!self.recv.is_empty() && self.disk == DiskState::Diskless) {
-            return Err("diskless node holds received writes".into());
+        if self.disk == DiskState::Diskless && self.recv.values().any(|op| !op.started) {
+            return Err("diskless node holds received writes it has not started".into());
         }
         for (req, w) in &self.writes {
             if w.local == Stage::Failed && w.peer == PeerStage::Lost {
@@ -2204,6 +2204,41 @@ impl Replica {
         self.md.flags.consistent = false;
         self.persist_sb(out);
         self.set_disk(DiskState::Diskless, out);
+        // Received writes not started yet will never reach a disk: the primary learns at
+        // once (it marks them out of sync), as for those arriving from now on. Those
+        // started finish on the failing disk and are answered by their result.
+        let unstarted: Vec<u64> = self
+            .recv
+            .iter()
+            .filter(|(_, op)| !op.started)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in unstarted {
+            let Some(op) = self.recv.remove(&n) else {
+                continue;
+            };
+            if op.al_pinned {
+                self.al.end(op.offset, op.len);
+            }
+            let answer = self.is_connected() && op.conn == self.conn_gen;
+            match op.kind {
+                RecvKind::Data { seq, payload, .. } => {
+                    out.push(Action::Release(DataRef::Payload(payload)));
+                    if answer {
+                        self.send(Msg::NegAck { seq }, None, out);
+                    }
+                }
+                RecvKind::Trim { seq, .. } => {
+                    if answer {
+                        self.send(Msg::NegAck { seq }, None, out);
+                    }
+                }
+                RecvKind::Resync { payload } => {
+                    out.push(Action::Release(DataRef::Payload(payload)));
+                }
+            }
+        }
+        self.pump_barriers(out);
         if self.conn == ConnState::SyncTarget || self.conn == ConnState::SyncSource {
             self.resync = None;
             self.set_conn(ConnState::Connected, out);
@@ -2661,10 +2696,35 @@ impl Replica {
             out.push(Action::Notify(Notice::PeerRole { role: Some(role) }));
         }
         if self.peer_disk != disk {
+            if disk == DiskState::Diskless {
+                self.peer_disk_failed(out);
+            }
             self.peer_disk = disk;
             out.push(Action::Notify(Notice::PeerDisk { state: disk }));
         }
         self.peer_epoch = epoch;
+    }
+
+    /// The peer's disk failed (it said so before answering anything else): writes it
+    /// completed but has not flushed may be gone with it, so every write it has not
+    /// confirmed as durable is out of sync here, and no later BarrierAck — a diskless
+    /// node acknowledges barriers at once — may confirm them (seed 2479: the failed
+    /// barrier flush's ack dropped the only record of a write the disk never kept).
+    fn peer_disk_failed(&mut self, out: &mut Vec<Action>) {
+        if self.unconfirmed.is_empty() {
+            return;
+        }
+        for u in std::mem::take(&mut self.unconfirmed).into_values() {
+            self.bitmap.set_range(u.offset, u.len);
+            if u.al_pinned {
+                self.al.end(u.offset, u.len);
+            }
+        }
+        let blocks = Self::bitmap_blocks(&mut self.bitmap);
+        if !blocks.is_empty() {
+            out.push(Action::PersistBitmap { blocks });
+        }
+        self.run_blocked(out);
     }
 
     /// A newer cluster epoch exists: this primary was fenced. Its pending writes fail,

@@ -246,6 +246,8 @@ pub struct SimNode {
     down_since_ms: u64,
     /// Down after a clean shutdown (its disk intact), not a crash.
     stopped_cleanly: bool,
+    /// Its disk failed an I/O; it is replaced when the run heals.
+    disk_failed: bool,
     pub notices: Vec<Notice>,
 }
 
@@ -288,6 +290,12 @@ pub struct SimConfig {
     /// In one run out of five (chosen by the seed), the peer's read replies are sometimes
     /// well framed but wrong: a block longer than the read asked for.
     pub hostile_peer: bool,
+    /// In one run out of four (chosen by the seed), one node's disk fails one local I/O
+    /// with EIO somewhere in the run: the core must detach it (Diskless) and go on
+    /// through the peer. When the run heals, the disk is replaced (the node restarts on
+    /// it, Inconsistent) and a full sync brings it back. Decided apart from the schedule's
+    /// random stream, so a run without the failure is the same run as without the knob.
+    pub disk_failures: bool,
 }
 
 impl SimConfig {
@@ -300,6 +308,7 @@ impl SimConfig {
             resets: false,
             lifecycle: false,
             hostile_peer: false,
+            disk_failures: false,
             ..Self::default()
         }
     }
@@ -324,6 +333,7 @@ impl Default for SimConfig {
             resets: true,
             lifecycle: true,
             hostile_peer: true,
+            disk_failures: true,
         }
     }
 }
@@ -355,6 +365,9 @@ pub struct SimReport {
     pub pauses: u64,
     pub shutdowns: u64,
     pub switchovers: u64,
+    /// Local I/Os that failed with EIO (a failing disk), and disks replaced afterwards.
+    pub disk_failures: u64,
+    pub disks_replaced: u64,
     /// Read replies the hostile peer made one block too long.
     pub bad_replies: u64,
 }
@@ -393,6 +406,12 @@ pub struct Sim {
     paused_until: [u64; 2],
     /// Flushes submitted while the pair was connected and in sync: on which link.
     flush_links: HashMap<ReqId, u64>,
+    /// The failing disk of this run, if any: (node, the local I/O number that fails).
+    failing_disk: Option<(usize, u64)>,
+    /// Local I/Os completed so far (all nodes).
+    local_ios: u64,
+    /// The schedule is over and `heal` runs: no new failures.
+    healing: bool,
     /// The node the cluster made primary whose replica has not taken the role yet (it
     /// refused, e.g. writes of the old primary were still landing): the cluster's
     /// orchestrator asks again on its next round, and so does the simulation each tick.
@@ -466,6 +485,12 @@ impl Sim {
             paused_until: [0; 2],
             flush_links: HashMap::new(),
             promoting: None,
+            failing_disk: (cfg.disk_failures && seed % 4 == 3).then(|| {
+                let mut pick = SimRng::new(seed ^ 0x5eed_d15c);
+                (usize::from(pick.chance(50)), pick.below(3000))
+            }),
+            local_ios: 0,
+            healing: false,
         };
         for id in 0..2u32 {
             let md = PersistedMd {
@@ -498,6 +523,7 @@ impl Sim {
                 pending_outdate: false,
                 down_since_ms: 0,
                 stopped_cleanly: false,
+                disk_failed: false,
                 notices: Vec::new(),
             });
         }
@@ -947,6 +973,19 @@ impl Sim {
             })
     }
 
+    /// The operator replaces a failed disk: the node restarts on it (its metadata says
+    /// Inconsistent since the failure) and takes a sync from its peer.
+    fn replace_disk(&mut self, node: usize) {
+        tracing::trace!(node, "disk replaced");
+        self.report.disks_replaced += 1;
+        self.nodes[node].disk_failed = false;
+        if self.nodes[node].up {
+            self.node_down(node, true);
+            self.tear_down(Some(node));
+        }
+        self.restart(node);
+    }
+
     /// The node's process ended after a clean shutdown: its disk keeps everything.
     fn stopped(&mut self, node: usize) {
         tracing::trace!(node, "stopped");
@@ -1391,6 +1430,34 @@ impl Sim {
                 if !self.nodes[node].up || self.nodes[node].incarnation != incarnation {
                     return;
                 }
+                self.local_ios += 1;
+                if !self.healing
+                    && self
+                        .failing_disk
+                        .is_some_and(|(n, at)| n == node && self.local_ios >= at)
+                    && self.nodes[node].core.disk() != DiskState::Diskless
+                    // A single failure: the peer holds a complete copy (else it waits).
+                    && self.nodes[1 - node].up
+                    && self.nodes[1 - node].core.disk() == DiskState::UpToDate
+                {
+                    self.failing_disk = None;
+                    self.report.disk_failures += 1;
+                    self.nodes[node].disk_failed = true;
+                }
+                if self.nodes[node].disk_failed {
+                    // A dead disk fails everything until it is replaced; the medium is
+                    // left as it was (the node's copy is Inconsistent when it returns).
+                    tracing::trace!(node, ?tag, ?op, "disk failed");
+                    self.step_node(
+                        node,
+                        Event::LocalDone {
+                            tag,
+                            result: Err("Input/output error (simulated)".into()),
+                            digest: None,
+                        },
+                    );
+                    return;
+                }
                 let mut digest = None;
                 tracing::trace!(node, ?tag, ?op, "disk done");
                 {
@@ -1603,6 +1670,12 @@ impl Sim {
     /// Heals everything and waits until both nodes are connected and in sync.
     pub fn heal(&mut self) -> Result<(), String> {
         self.partitioned = false;
+        self.healing = true;
+        for n in 0..2 {
+            if self.nodes[n].disk_failed {
+                self.replace_disk(n);
+            }
+        }
         for n in 0..2 {
             if self.held[n] {
                 self.quorum_change_of(n);

@@ -48,6 +48,8 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.shutdowns += report.shutdowns;
         total.switchovers += report.switchovers;
         total.bad_replies += report.bad_replies;
+        total.disk_failures += report.disk_failures;
+        total.disks_replaced += report.disks_replaced;
         runs_done += 1;
     }
     eprintln!("{total:?}");
@@ -69,6 +71,10 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     // ... and the newer fault kinds.
     assert!(
         total.resets > 0 && total.pauses > 0 && total.shutdowns > 0 && total.switchovers > 0,
+        "{total:?}"
+    );
+    assert!(
+        !cfg.disk_failures || total.disk_failures > 0 && total.disks_replaced > 0,
         "{total:?}"
     );
     total
@@ -329,6 +335,15 @@ fn regression_seeds_stay_fixed() {
         ),
     ];
     for (seed, cfg, what) in cases {
-        run(*seed, cfg.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        // Each replays the schedule it was found with (before disks failed in the mix).
+        let cfg = SimConfig {
+            disk_failures: false,
+            ..cfg.clone()
+        };
+        run(*seed, cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
+    // Found once disks failed in the mix.
+    run(2479, SimConfig::default()).unwrap_or_else(|e| {
+        panic!("a failed barrier flush's ack dropped the record of an unflushed write: {e}")
+    });
 }
