@@ -699,7 +699,11 @@ impl MetadataFile {
                 load.bad_blocks.push(idx);
             }
             for i in 0..WORDS_PER_BLOCK {
-                words.push(if ok { get64(&b, BM_WORDS_AT + 8 * i) } else { !0 });
+                words.push(if ok {
+                    get64(&b, BM_WORDS_AT + 8 * i)
+                } else {
+                    !0
+                });
             }
         }
         bitmap.load_words(&words);
@@ -905,7 +909,11 @@ mod tests {
         md.write_bitmap_blocks(&bitmap, &blocks).unwrap();
         let (loaded, load) = md.read_bitmap().unwrap();
         assert!(load.bad_blocks.is_empty());
-        let lost: Vec<u64> = want.iter().copied().filter(|&b| !loaded.is_set(b)).collect();
+        let lost: Vec<u64> = want
+            .iter()
+            .copied()
+            .filter(|&b| !loaded.is_set(b))
+            .collect();
         assert!(lost.is_empty(), "dirty bits lost on disk: {lost:?}");
         assert_eq!(loaded.count(), bitmap.count(), "bits that were never set");
         // The raw-words writer (the replication core's PersistBitmap) agrees.
