@@ -664,7 +664,9 @@ impl Node {
             reports: &reports,
         });
         for command in decisions {
-            match self.propose(command.clone()).await {
+            let proposed =
+                warn_while_waiting(|| format!("{command:?}"), self.propose(command.clone())).await;
+            match proposed {
                 Ok(Outcome::Applied) => tracing::info!(?command, "leader decision applied"),
                 Ok(Outcome::Rejected { reason }) => {
                     tracing::debug!(?command, %reason, "leader decision rejected")
@@ -685,7 +687,11 @@ impl Node {
         let mut replicas: BTreeMap<String, ReplicaReport> = BTreeMap::new();
         let running = locked(&self.inner.resources_running).clone();
         for (name, driver) in &self.inner.drivers {
-            let mut report = driver.fresh_report().await;
+            let mut report = warn_while_waiting(
+                || format!("the report of volume {name}"),
+                driver.fresh_report(),
+            )
+            .await;
             report.resources_running = running.contains(name);
             replicas.insert(name.clone(), report);
         }
@@ -722,7 +728,8 @@ impl Node {
             {
                 tracing::info!(%volume, replica = ?replicas.get(volume), "proposing that the peer is UpToDate again");
             }
-            let result = self.carry_out(&action).await;
+            let result =
+                warn_while_waiting(|| format!("{action:?}"), self.carry_out(&action)).await;
             let quiet = matches!(
                 action,
                 LocalAction::Propose {
@@ -1113,6 +1120,30 @@ impl Inbound for Node {
                         .map_err(|e| e.to_string()),
                 ),
             }
+        }
+    }
+}
+
+/// How long one step of a cluster round may take before the log says so.
+const SLOW_STEP: Duration = Duration::from_secs(10);
+
+/// Awaits `work`, warning every [`SLOW_STEP`] while it has not finished: a round that
+/// never ends blocks every later one (no promotion, no fencing), and the log must name
+/// the step it is stuck in.
+async fn warn_while_waiting<F: std::future::Future>(
+    what: impl Fn() -> String,
+    work: F,
+) -> F::Output {
+    let started = Instant::now();
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            () = tokio::time::sleep(SLOW_STEP) => tracing::warn!(
+                step = %what(),
+                waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "a cluster round is still waiting for this step"
+            ),
         }
     }
 }
