@@ -915,7 +915,8 @@ impl Sim {
                     // barrier's ack promised the peer's flush too.
                     // (After a double failure acknowledged writes may be gone: no check.)
                     let peer_too = link == Some(self.link) && self.in_sync() && !self.unsafe_crash;
-                    self.oracle.flushed(req, peer_too);
+                    let local = !self.nodes[node].disk_failed;
+                    self.oracle.flushed(req, peer_too, local);
                     let peer = 1 - node;
                     if peer_too
                         && let Err(e) = invariants::flush_order::check(
@@ -1443,6 +1444,7 @@ impl Sim {
                     self.failing_disk = None;
                     self.report.disk_failures += 1;
                     self.nodes[node].disk_failed = true;
+                    self.oracle.disk_lost(node);
                 }
                 if self.nodes[node].disk_failed {
                     // A dead disk fails everything until it is replaced; the medium is

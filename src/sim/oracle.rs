@@ -91,11 +91,15 @@ impl Oracle {
     }
 
     /// That flush completed successfully; with `peer_too` it promised the peer's
-    /// stable storage as well (it went through a barrier the peer acknowledged).
-    pub fn flushed(&mut self, req: ReqId, peer_too: bool) {
+    /// stable storage as well (it went through a barrier the peer acknowledged); with
+    /// `local` false (the node's own disk had failed) it promised only the peer's.
+    pub fn flushed(&mut self, req: ReqId, peer_too: bool, local: bool) {
         if let Some((node, snapshot)) = self.flush_pending.remove(&req) {
-            let nodes: &[usize] = if peer_too { &[node, 1 - node] } else { &[node] };
-            for &n in nodes {
+            let nodes: Vec<usize> = [(node, local), (1 - node, peer_too)]
+                .into_iter()
+                .filter_map(|(n, promised)| promised.then_some(n))
+                .collect();
+            for &n in &nodes {
                 for (f, s) in self.flushed[n].iter_mut().zip(&snapshot) {
                     if let Some(s) = *s {
                         *f = Some(f.map_or(s, |x| x.max(s)));
@@ -133,6 +137,14 @@ impl Oracle {
     /// The newest acknowledged write of `block` (its place in the block's history).
     pub fn floor(&self, block: u64) -> Option<usize> {
         self.acked[Self::slot(block)]
+    }
+
+    /// `node`'s disk failed: what earlier flushes promised about its stable storage is
+    /// gone with it (the peer's copy is what they promised now).
+    pub fn disk_lost(&mut self, node: usize) {
+        for f in &mut self.flushed[node] {
+            *f = None;
+        }
     }
 
     /// `node` crashed: its unanswered flushes are gone.
