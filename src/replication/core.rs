@@ -2202,6 +2202,11 @@ impl Replica {
             reason: reason.to_owned(),
         }));
         self.md.flags.consistent = false;
+        // Whatever comes back on this device (repaired or replaced) takes a full sync:
+        // writes that failed on it, or were cached when it died, are in no bitmap, and
+        // the peer does not track what this node writes through it meanwhile. A bitmap
+        // resync after a failure left blocks differing (seeds 15687, 42787).
+        self.md.generations = GenerationIds::default();
         self.persist_sb(out);
         self.set_disk(DiskState::Diskless, out);
         // Received writes not started yet will never reach a disk: the primary learns at

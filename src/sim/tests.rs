@@ -346,4 +346,11 @@ fn regression_seeds_stay_fixed() {
     run(2479, SimConfig::default()).unwrap_or_else(|e| {
         panic!("a failed barrier flush's ack dropped the record of an unflushed write: {e}")
     });
+    let checksum = SimConfig {
+        checksum_resync: true,
+        ..SimConfig::default()
+    };
+    run(15_687, checksum).unwrap_or_else(|e| {
+        panic!("a disk back after a failure took a bitmap resync and kept stale blocks: {e}")
+    });
 }
