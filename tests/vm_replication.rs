@@ -241,3 +241,116 @@ echo VM-DISCARD-DONE
     );
     assert!(read("final-sync.txt").contains("in sync"), "{logs}");
 }
+
+/// A disk that starts failing: the primary's backing device is a device-mapper target
+/// over a loop device, switched to `error` (every I/O fails with EIO) while the volume is
+/// in use through ublk. The primary detaches its disk (Diskless), the application's
+/// writes and reads go on through the peer without an error, and once the disk is back
+/// (the table restored, the replica restarted on it) a resync from the peer brings it up
+/// to date: both copies end identical.
+#[test]
+fn vm_a_primary_whose_disk_fails_goes_diskless_and_the_application_never_sees_an_error() {
+    let kernel = GuestKernel::prepare().expect("the real-kernel test bed is required");
+    let dir = scratch_dir("vm-replication-eio").expect("scratch dir");
+    let out = dir.join("out");
+    let tandemd = workspace_binary("tandemd").expect("cargo build --workspace --bins first");
+    let tandemctl = workspace_binary("tandemctl").expect("cargo build --workspace --bins first");
+    let script = r#"
+set -e
+ip link set lo up
+modprobe ublk_drv
+modprobe loop
+modprobe dm_mod
+mkdir -p /data
+mount -t tmpfs -o size=400m tmpfs /data
+cd /data
+D="$TANDEMD"; C="$TANDEMCTL"
+truncate -s 96M a.img b.img
+LOOP=$(losetup --find --show a.img)
+SECTORS=$(blockdev --getsz $LOOP)
+dmsetup create adisk --table "0 $SECTORS linear $LOOP 0"
+dmsetup mknodes adisk  # no udev in the guest
+$C create-md --backing /dev/mapper/adisk --volume ev --node-id 1 --zeroed > /dev/null
+$C create-md --backing b.img --volume ev --node-id 2 --zeroed > /dev/null
+start_a() {
+  $D replica --name ev --backing /dev/mapper/adisk --listen 127.0.0.1:7104 \
+    --peer 127.0.0.2:7104 --control /data/a.sock "$@" >> /out/ev-a.log 2>&1 &
+  echo $! > /data/a.pid
+  for i in $(seq 200); do [ -S /data/a.sock ] && break; sleep 0.1; done
+}
+start_a --ublk
+$D replica --name ev --backing b.img --listen 127.0.0.2:7104 --peer 127.0.0.1:7104 \
+  --control /data/b.sock > /out/ev-b.log 2>&1 &
+echo $! > /data/b.pid
+for i in $(seq 200); do [ -S /data/b.sock ] && break; sleep 0.1; done
+field() { $C --socket /data/$1.sock replica status ev --json | tr -d ' \n' | sed -n "s/.*\"$2\":\"\([a-z-]*\)\".*/\1/p"; }
+for i in $(seq 300); do [ "$(field a disk)" = up-to-date ] && [ "$(field a connection)" = connected ] && break; sleep 0.1; done
+$C --socket /data/a.sock replica primary ev
+for i in $(seq 100); do [ -b /dev/ublkb0 ] && break; sleep 0.1; done
+head -c 8M /dev/urandom > first.bin
+head -c 8M /dev/urandom > second.bin
+dd if=first.bin of=/dev/ublkb0 bs=1M oflag=direct conv=fsync 2>/dev/null && echo WRITE-BEFORE-OK
+# The disk under the primary fails: every I/O returns EIO from now on.
+dmsetup suspend adisk
+dmsetup load adisk --table "0 $SECTORS error"
+dmsetup resume adisk
+dd if=second.bin of=/dev/ublkb0 bs=1M seek=16 oflag=direct conv=fsync 2>/out/dd-during.txt && echo WRITE-DURING-OK
+echo "DISK-AFTER-FAILURE $(field a disk)"
+dd if=/dev/ublkb0 of=read1.bin bs=1M count=8 iflag=direct 2>/dev/null
+cmp read1.bin first.bin && echo READ-FIRST-OK
+dd if=/dev/ublkb0 of=read2.bin bs=1M skip=16 count=8 iflag=direct 2>/dev/null
+cmp read2.bin second.bin && echo READ-SECOND-OK
+# The disk is back (a repaired path, a replaced device): the replica restarts on it.
+dmsetup suspend adisk
+dmsetup load adisk --table "0 $SECTORS linear $LOOP 0"
+dmsetup resume adisk
+kill $(cat /data/a.pid)
+for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || break; sleep 0.1; done
+rm -f /data/a.sock
+start_a
+for i in $(seq 600); do [ "$(field a disk)" = up-to-date ] && [ "$(field a connection)" = connected ] && break; sleep 0.1; done
+echo "DISK-AFTER-RETURN $(field a disk)"
+$C --socket /data/a.sock replica status ev --json > /out/status-a-end.json
+kill $(cat /data/a.pid) $(cat /data/b.pid)
+for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || kill -0 $(cat /data/b.pid) 2>/dev/null || break; sleep 0.1; done
+size=$($C dump-md b.img --json | sed -n 's/.*"data_size_bytes": \([0-9]*\).*/\1/p')
+a=$(head -c $size /dev/mapper/adisk | sha256sum | cut -d' ' -f1)
+b=$(head -c $size b.img | sha256sum | cut -d' ' -f1)
+[ "$a" = "$b" ] && echo COPIES-IDENTICAL
+dd if=b.img of=peer2.bin bs=1M skip=16 count=8 2>/dev/null
+cmp peer2.bin second.bin && echo PEER-HOLDS-SECOND
+echo VM-EIO-DONE
+"#;
+    let spec = GuestSpec::new("eio", &dir, script)
+        .env("TANDEMD", tandemd.display())
+        .env("TANDEMCTL", tandemctl.display())
+        .out_dir(&out)
+        .timeout(Duration::from_secs(300));
+    let outcome = tandem_testbed::run(&kernel, &spec).expect("guest run");
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let logs = format!(
+        "ev-a.log:\n{}\nev-b.log:\n{}\ndd-during:\n{}\nconsole:\n{}",
+        read("ev-a.log"),
+        read("ev-b.log"),
+        read("dd-during.txt"),
+        outcome.console
+    );
+    assert_eq!(outcome.rc, Some(0), "guest failed\n{logs}");
+    for marker in [
+        "WRITE-BEFORE-OK",
+        "WRITE-DURING-OK",
+        "DISK-AFTER-FAILURE diskless",
+        "READ-FIRST-OK",
+        "READ-SECOND-OK",
+        "DISK-AFTER-RETURN up-to-date",
+        "COPIES-IDENTICAL",
+        "PEER-HOLDS-SECOND",
+        "VM-EIO-DONE",
+    ] {
+        assert!(outcome.console.contains(marker), "missing {marker}\n{logs}");
+    }
+    assert!(
+        read("ev-a.log").contains("disk failed; detached"),
+        "the primary never reported its disk failure\n{logs}"
+    );
+}
