@@ -134,6 +134,62 @@ echo VM-REPLICATION-DONE
     );
 }
 
+/// One guest running `script` with `$TANDEMD` and `$TANDEMCTL` set and `/out` shared:
+/// its outcome, a reader of its `/out` files, and a failure report made of the named
+/// `/out` files and the console.
+struct GuestRun {
+    out: std::path::PathBuf,
+    outcome: tandem_testbed::GuestOutcome,
+    logs: String,
+}
+
+impl GuestRun {
+    fn start(
+        name: &str,
+        script: &str,
+        memory_mib: u32,
+        timeout: Duration,
+        report: &[&str],
+    ) -> Self {
+        let kernel = GuestKernel::prepare().expect("the real-kernel test bed is required");
+        let dir = scratch_dir(&format!("vm-replication-{name}")).expect("scratch dir");
+        let out = dir.join("out");
+        let tandemd = workspace_binary("tandemd").expect("cargo build --workspace --bins first");
+        let tandemctl =
+            workspace_binary("tandemctl").expect("cargo build --workspace --bins first");
+        let spec = GuestSpec::new(name, &dir, script)
+            .env("TANDEMD", tandemd.display())
+            .env("TANDEMCTL", tandemctl.display())
+            .out_dir(&out)
+            .memory_mib(memory_mib)
+            .timeout(timeout);
+        let outcome = tandem_testbed::run(&kernel, &spec).expect("guest run");
+        let mut logs = String::new();
+        for file in report {
+            let text = std::fs::read_to_string(out.join(file)).unwrap_or_default();
+            logs.push_str(&format!("{file}:\n{text}\n"));
+        }
+        logs.push_str(&format!("console:\n{}", outcome.console));
+        Self { out, outcome, logs }
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.out.join(file)).unwrap_or_default()
+    }
+
+    /// Panics with the report unless the script exited 0 and printed every marker.
+    fn assert_printed(&self, markers: &[&str]) {
+        assert_eq!(self.outcome.rc, Some(0), "guest failed\n{}", self.logs);
+        for marker in markers {
+            assert!(
+                self.outcome.console.contains(marker),
+                "missing {marker}\n{}",
+                self.logs
+            );
+        }
+    }
+}
+
 /// Issue-12's real-kernel check of the activity-log bound: on a replicated volume of more
 /// than 8 GiB exported through ublk, `blkdiscard` of the whole device and `mkfs.ext4`
 /// (which discards the whole device first, in pieces of up to the kernel's discard limit,
@@ -143,11 +199,6 @@ echo VM-REPLICATION-DONE
 /// under TCG and proves nothing here.
 #[test]
 fn vm_whole_device_discards_and_mkfs_on_an_8_gib_ublk_volume_keep_both_copies_healthy() {
-    let kernel = GuestKernel::prepare().expect("the real-kernel test bed is required");
-    let dir = scratch_dir("vm-replication-discard").expect("scratch dir");
-    let out = dir.join("out");
-    let tandemd = workspace_binary("tandemd").expect("cargo build --workspace --bins first");
-    let tandemctl = workspace_binary("tandemctl").expect("cargo build --workspace --bins first");
     let script = r#"
 set -e
 ip link set lo up
@@ -200,22 +251,14 @@ for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || kill -0 $(cat 
 fsck.ext4 -n -f /data/big-b.img > /out/fsck-secondary.txt 2>&1 && echo "FSCK-CLEAN secondary"
 echo VM-DISCARD-DONE
 "#;
-    let spec = GuestSpec::new("discard", &dir, script)
-        .env("TANDEMD", tandemd.display())
-        .env("TANDEMCTL", tandemctl.display())
-        .out_dir(&out)
-        .memory_mib(2048)
-        .timeout(Duration::from_secs(480));
-    let outcome = tandem_testbed::run(&kernel, &spec).expect("guest run");
-    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-    let logs = format!(
-        "big-a.log:\n{}\nbig-b.log:\n{}\nconsole:\n{}",
-        read("big-a.log"),
-        read("big-b.log"),
-        outcome.console
+    let run = GuestRun::start(
+        "discard",
+        script,
+        2048,
+        Duration::from_secs(480),
+        &["big-a.log", "big-b.log"],
     );
-    assert_eq!(outcome.rc, Some(0), "guest failed\n{logs}");
-    for marker in [
+    run.assert_printed(&[
         "HEALTHY start",
         "BLKDISCARD-OK",
         "HEALTHY after-blkdiscard",
@@ -226,20 +269,24 @@ echo VM-DISCARD-DONE
         "FSCK-CLEAN primary",
         "FSCK-CLEAN secondary",
         "VM-DISCARD-DONE",
-    ] {
-        assert!(outcome.console.contains(marker), "missing {marker}\n{logs}");
-    }
-    let size: u64 = outcome
+    ]);
+    let size: u64 = run
+        .outcome
         .lines_with("SIZE ")
         .first()
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0);
     assert!(size >= 8 << 30, "the volume holds {size} bytes, not 8 GiB");
     assert!(
-        !read("big-a.log").contains("detached"),
-        "the primary's disk was detached\n{logs}"
+        !run.read("big-a.log").contains("detached"),
+        "the primary's disk was detached\n{}",
+        run.logs
     );
-    assert!(read("final-sync.txt").contains("in sync"), "{logs}");
+    assert!(
+        run.read("final-sync.txt").contains("in sync"),
+        "{}",
+        run.logs
+    );
 }
 
 /// A disk that starts failing: the primary's backing device is a device-mapper target
@@ -250,11 +297,6 @@ echo VM-DISCARD-DONE
 /// to date: both copies end identical.
 #[test]
 fn vm_a_primary_whose_disk_fails_goes_diskless_and_the_application_never_sees_an_error() {
-    let kernel = GuestKernel::prepare().expect("the real-kernel test bed is required");
-    let dir = scratch_dir("vm-replication-eio").expect("scratch dir");
-    let out = dir.join("out");
-    let tandemd = workspace_binary("tandemd").expect("cargo build --workspace --bins first");
-    let tandemctl = workspace_binary("tandemctl").expect("cargo build --workspace --bins first");
     let script = r#"
 set -e
 ip link set lo up
@@ -321,22 +363,14 @@ dd if=b.img of=peer2.bin bs=1M skip=16 count=8 2>/dev/null
 cmp peer2.bin second.bin && echo PEER-HOLDS-SECOND
 echo VM-EIO-DONE
 "#;
-    let spec = GuestSpec::new("eio", &dir, script)
-        .env("TANDEMD", tandemd.display())
-        .env("TANDEMCTL", tandemctl.display())
-        .out_dir(&out)
-        .timeout(Duration::from_secs(300));
-    let outcome = tandem_testbed::run(&kernel, &spec).expect("guest run");
-    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-    let logs = format!(
-        "ev-a.log:\n{}\nev-b.log:\n{}\ndd-during:\n{}\nconsole:\n{}",
-        read("ev-a.log"),
-        read("ev-b.log"),
-        read("dd-during.txt"),
-        outcome.console
+    let run = GuestRun::start(
+        "eio",
+        script,
+        1536,
+        Duration::from_secs(300),
+        &["ev-a.log", "ev-b.log", "dd-during.txt"],
     );
-    assert_eq!(outcome.rc, Some(0), "guest failed\n{logs}");
-    for marker in [
+    run.assert_printed(&[
         "WRITE-BEFORE-OK",
         "WRITE-DURING-OK",
         "DISK-AFTER-FAILURE diskless",
@@ -346,11 +380,10 @@ echo VM-EIO-DONE
         "COPIES-IDENTICAL",
         "PEER-HOLDS-SECOND",
         "VM-EIO-DONE",
-    ] {
-        assert!(outcome.console.contains(marker), "missing {marker}\n{logs}");
-    }
+    ]);
     assert!(
-        read("ev-a.log").contains("disk failed; detached"),
-        "the primary never reported its disk failure\n{logs}"
+        run.read("ev-a.log").contains("disk failed; detached"),
+        "the primary never reported its disk failure\n{}",
+        run.logs
     );
 }
