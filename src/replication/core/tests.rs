@@ -600,3 +600,45 @@ fn discard_my_data_is_refused_unless_in_split_brain() {
     );
     assert!(!b.hello().discard_my_data, "the flag was armed anyway");
 }
+
+/// Hole (found by the simulator once disks failed, seed 2479 of that model): the peer's
+/// disk failed with a write it had completed but not flushed; its barrier flush failed,
+/// yet a diskless node acknowledges barriers at once, and that ack confirmed the write
+/// as durable: no bit recorded that the peer's copy lacked it. The peer's Diskless state
+/// (sent before anything else) now marks every unconfirmed write out of sync first.
+#[test]
+fn a_diskless_peers_barrier_ack_does_not_confirm_what_its_failed_disk_held() {
+    let (mut a, _b) = connected();
+    acked_write(&mut a, 1, 8 * 4096);
+    let number = flush_sent(&mut a, 2);
+    assert_eq!(a.bitmap().count(), 0);
+    a.step(peer_msg(Msg::StateUpdate {
+        role: Role::Secondary,
+        disk: DiskState::Diskless,
+        epoch: a.md.epoch,
+    }));
+    a.step(peer_msg(Msg::BarrierAck { number }));
+    assert!(
+        a.bitmap().count() >= 1,
+        "a write the failed disk never kept was confirmed by a diskless node's ack"
+    );
+}
+
+/// Hole (found by the simulator once disks failed, seeds 15687 and 42787): a disk that
+/// came back after a failure kept its generations, so the resync was the peer's bitmap
+/// only; writes that failed on it, or were cached when it died, were in no bitmap. It
+/// now forgets its generations: a full sync.
+#[test]
+fn a_failed_disk_comes_back_to_a_full_sync() {
+    let mut a = replica(1);
+    a.step(Event::MetadataFailed {
+        reason: "test: the disk failed".into(),
+    });
+    assert_eq!(a.disk(), DiskState::Diskless);
+    assert_eq!(
+        a.md.generations,
+        GenerationIds::default(),
+        "a failed disk must not be matched against the peer's bitmap generation"
+    );
+    assert!(!a.md.flags.consistent);
+}
