@@ -2209,6 +2209,19 @@ impl Replica {
         self.md.generations = GenerationIds::default();
         self.persist_sb(out);
         self.set_disk(DiskState::Diskless, out);
+        // What landed on the failed disk is as good as lost: a write or flush whose local
+        // part was done needs the peer now (seed 15741: a diskless primary completed,
+        // through the fencing gate, a write whose only copy was on its dead disk).
+        for w in self.writes.values_mut() {
+            if w.local == Stage::Done {
+                w.local = Stage::Failed;
+            }
+        }
+        for f in self.flushes.values_mut() {
+            if f.local == Stage::Done {
+                f.local = Stage::Failed;
+            }
+        }
         // Received writes not started yet will never reach a disk: the primary learns at
         // once (it marks them out of sync), as for those arriving from now on. Those
         // started finish on the failing disk and are answered by their result.
@@ -2703,6 +2716,9 @@ impl Replica {
         if self.peer_disk != disk {
             if disk == DiskState::Diskless {
                 self.peer_disk_failed(out);
+                if role == Role::Primary {
+                    self.primary_disk_failed(out);
+                }
             }
             self.peer_disk = disk;
             out.push(Action::Notify(Notice::PeerDisk { state: disk }));
@@ -2730,6 +2746,26 @@ impl Replica {
             out.push(Action::PersistBitmap { blocks });
         }
         self.run_blocked(out);
+    }
+
+    /// The primary's disk failed and it writes through this node now: this copy moves on
+    /// without it. As DRBD's peer does, start a new generation (unless one already
+    /// tracks the primary's) and mark every write from now on out of sync, so that the
+    /// primary's disk, should it come back as it was (a path that flapped, its metadata
+    /// still Consistent), is resynced from the bitmap rather than compared as an equal.
+    fn primary_disk_failed(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Secondary || self.disk != DiskState::UpToDate {
+            return;
+        }
+        let gens = self.md.generations;
+        if gens.bitmap == 0 || gens.bitmap == gens.current {
+            let g = self.new_generation();
+            self.md.generations.start_new(g);
+            self.persist_sb(out);
+            out.push(Action::Notify(Notice::Generations {
+                generations: self.md.generations,
+            }));
+        }
     }
 
     /// A newer cluster epoch exists: this primary was fenced. Its pending writes fail,
@@ -3170,7 +3206,10 @@ impl Replica {
                         Msg::NegAck { seq }
                     };
                     self.send(msg, None, out);
-                    if ok {
+                    if ok && self.peer_disk == DiskState::Diskless {
+                        // The primary has no disk: only this copy holds the write.
+                        self.bitmap.set_range(op.offset, op.len);
+                    } else if ok {
                         self.bitmap.clear_covered(op.offset, op.len);
                     }
                 }

@@ -350,9 +350,12 @@ fn regression_seeds_stay_fixed() {
         checksum_resync: true,
         ..SimConfig::default()
     };
-    for (seed, cfg) in [(15_687, checksum), (1765, SimConfig::default())] {
+    for (seed, cfg) in [(15_687, checksum.clone()), (1765, SimConfig::default())] {
         run(seed, cfg).unwrap_or_else(|e| {
             panic!("a disk back after a failure took a bitmap resync and kept stale blocks: {e}")
         });
     }
+    run(15_741, checksum).unwrap_or_else(|e| {
+        panic!("a diskless primary acknowledged a write whose only copy was on its dead disk: {e}")
+    });
 }

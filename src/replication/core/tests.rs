@@ -642,3 +642,88 @@ fn a_failed_disk_comes_back_to_a_full_sync() {
     );
     assert!(!a.md.flags.consistent);
 }
+
+/// Hole (found by reading, not yet by the simulator, whose metadata writes never fail):
+/// a primary whose disk failed writes through its peer, and nothing recorded that its
+/// disk lacked those writes. If that disk came back as it was (a path flap: the failure
+/// could not be written to its metadata, which still says Consistent at the old
+/// generation), a handshake compared the two as equals. The peer now starts a new
+/// generation when the primary's disk goes, and marks every write from then on.
+#[test]
+fn a_secondary_tracks_what_a_diskless_primary_writes_through_it() {
+    let (mut a, mut b) = connected();
+    let before = b.md.generations;
+    b.step(peer_msg(Msg::StateUpdate {
+        role: Role::Primary,
+        disk: DiskState::Diskless,
+        epoch: b.md.epoch,
+    }));
+    assert_eq!(
+        b.md.generations.bitmap, before.current,
+        "the peer's new generation tracks the primary's old one"
+    );
+    assert_ne!(b.md.generations.current, before.current);
+    let seq = write_sent(&mut a, ReqId(1), 5 * 4096);
+    let acts = b.step(Event::PeerMsg {
+        msg: Msg::Data {
+            seq,
+            offset: 5 * 4096,
+            len: 4096,
+            fua: false,
+            barrier: a.barrier,
+        },
+        payload: Some(10),
+        payload_len: 4096,
+        inline: vec![],
+    });
+    let tag = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::LocalWrite { tag, .. } => Some(*tag),
+            _ => None,
+        })
+        .expect("the secondary writes it");
+    b.step(Event::LocalDone {
+        tag,
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(
+        b.bitmap().is_set(5),
+        "a write the diskless primary made through its peer is in no bitmap"
+    );
+}
+
+/// Hole (found by the simulator, seed 15741): a write landed on the primary's disk, the
+/// disk died before a flush, and the link broke before the peer's ack; the fencing gate
+/// then completed the write as if the dead disk held it. A write whose local part was
+/// done on a disk that failed needs the peer now, and fails without it.
+#[test]
+fn a_write_whose_only_copy_was_on_a_failed_disk_is_not_acknowledged() {
+    let (mut a, _b) = connected();
+    let req = ReqId(1);
+    write_sent(&mut a, req, 0);
+    let mut acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    acts.extend(a.step(Event::MetadataFailed {
+        reason: "test: the disk died".into(),
+    }));
+    acts.extend(a.step(Event::TransportDown {
+        reason: "test".into(),
+    }));
+    assert!(
+        !acts.contains(&Action::Complete {
+            req,
+            result: Ok(None)
+        }),
+        "a write whose only copy was on a dead disk was acknowledged: {acts:?}"
+    );
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
+        "{acts:?}"
+    );
+}
