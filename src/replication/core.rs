@@ -2232,28 +2232,14 @@ impl Replica {
             .map(|(n, _)| *n)
             .collect();
         for n in unstarted {
-            let Some(op) = self.recv.remove(&n) else {
+            let Some(op) = self.drop_received(n, out) else {
                 continue;
             };
-            if op.al_pinned {
-                self.al.end(op.offset, op.len);
-            }
-            let answer = self.is_connected() && op.conn == self.conn_gen;
-            match op.kind {
-                RecvKind::Data { seq, payload, .. } => {
-                    out.push(Action::Release(DataRef::Payload(payload)));
-                    if answer {
-                        self.send(Msg::NegAck { seq }, None, out);
-                    }
-                }
-                RecvKind::Trim { seq, .. } => {
-                    if answer {
-                        self.send(Msg::NegAck { seq }, None, out);
-                    }
-                }
-                RecvKind::Resync { payload } => {
-                    out.push(Action::Release(DataRef::Payload(payload)));
-                }
+            if let RecvKind::Data { seq, .. } | RecvKind::Trim { seq, .. } = op.kind
+                && self.is_connected()
+                && op.conn == self.conn_gen
+            {
+                self.send(Msg::NegAck { seq }, None, out);
             }
         }
         self.pump_barriers(out);
@@ -2415,15 +2401,7 @@ impl Replica {
             .map(|(n, _)| *n)
             .collect();
         for n in dropped {
-            let Some(op) = self.recv.remove(&n) else {
-                continue;
-            };
-            if op.al_pinned {
-                self.al.end(op.offset, op.len);
-            }
-            if let RecvKind::Data { payload, .. } | RecvKind::Resync { payload } = op.kind {
-                out.push(Action::Release(DataRef::Payload(payload)));
-            }
+            self.drop_received(n, out);
         }
         self.pending_barriers.clear();
         if let Some(r) = self.resync.take() {
@@ -3139,6 +3117,19 @@ impl Replica {
         );
         self.pump_recv(out);
         Ok(())
+    }
+
+    /// Forgets received write `n`, which will never be written: unpins its extents and
+    /// frees its payload.
+    fn drop_received(&mut self, n: u64, out: &mut Vec<Action>) -> Option<RecvOp> {
+        let op = self.recv.remove(&n)?;
+        if op.al_pinned {
+            self.al.end(op.offset, op.len);
+        }
+        if let RecvKind::Data { payload, .. } | RecvKind::Resync { payload } = op.kind {
+            out.push(Action::Release(DataRef::Payload(payload)));
+        }
+        Some(op)
     }
 
     /// Starts received writes in arrival order; an overlapping one waits for the earlier.
