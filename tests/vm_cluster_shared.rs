@@ -55,7 +55,10 @@ set -e
 mkdir -p /data /etc/tandem /run/tandem
 printf '%s' "$CONFIG" > /etc/tandem/tandem.toml
 for i in $(seq 50); do [ -b /dev/sda ] && break; sleep 0.2; done
-$TANDEMD run --config /etc/tandem/tandem.toml --node $NODE > /out/tandemd.log 2>&1 &
+# If the daemon ends, the console says how (an OOM kill or a signal leaves nothing in its
+# own log; the guest's kernel messages are not on the console either).
+( rc=0; $TANDEMD run --config /etc/tandem/tandem.toml --node $NODE > /out/tandemd.log 2>&1 || rc=$?
+  echo "TANDEMD-EXITED rc=$rc"; dmesg | tail -15 | sed 's/^/DMESG /' ) &
 C="$TANDEMCTL --config /etc/tandem/tandem.toml --node $NODE"
 status_json() { $C status --json 2>/dev/null || true; }
 is_primary() { status_json | tr -d ' \n' | grep -q "\"name\":\"shared0\",\"primary\":\"$NODE\""; }
