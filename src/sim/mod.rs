@@ -246,7 +246,7 @@ pub struct SimNode {
     down_since_ms: u64,
     /// Down after a clean shutdown (its disk intact), not a crash.
     stopped_cleanly: bool,
-    /// Its disk failed an I/O; it is replaced when the run heals.
+    /// Its disk died (every local I/O fails); it is replaced when the run heals.
     disk_failed: bool,
     pub notices: Vec<Notice>,
 }
@@ -366,7 +366,7 @@ pub struct SimReport {
     pub pauses: u64,
     pub shutdowns: u64,
     pub switchovers: u64,
-    /// Local I/Os that failed with EIO (a failing disk), and disks replaced afterwards.
+    /// Disks that died, and disks replaced afterwards.
     pub disk_failures: u64,
     pub disks_replaced: u64,
     /// Read replies the hostile peer made one block too long.
@@ -407,7 +407,8 @@ pub struct Sim {
     paused_until: [u64; 2],
     /// Flushes submitted while the pair was connected and in sync: on which link.
     flush_links: HashMap<ReqId, u64>,
-    /// The failing disk of this run, if any: (node, the local I/O number that fails).
+    /// The disk that dies in this run, if any: (node, the count of local I/Os from which
+    /// it dies, at its first I/O while the pair is in sync).
     failing_disk: Option<(usize, u64)>,
     /// Local I/Os completed so far (all nodes).
     local_ios: u64,
