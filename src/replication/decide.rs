@@ -322,48 +322,44 @@ mod tests {
             role: Role::Primary,
             ..side(2, 7, 0, [0; 2])
         };
-        for crashed_primary_is_target in [true, false] {
-            assert_eq!(
-                decide(&deposed, &new_primary, p, crashed_primary_is_target),
-                Decision::Target { full: false },
-                "a deposed primary is never the source of the primary that replaced it"
-            );
-        }
         // ... even after the primary that replaced it stopped cleanly (a secondary
         // again, with writes of its own the deposed one never saw; seed 14102).
         let replaced_and_stopped = SideInfo {
             dirty_bits: 2,
             ..side(2, 7, 0, [0; 2])
         };
-        for crashed_primary_is_target in [true, false] {
-            assert_eq!(
-                decide(
-                    &deposed,
-                    &replaced_and_stopped,
-                    p,
-                    crashed_primary_is_target
-                ),
-                Decision::Target { full: false },
-                "a deposed primary's crash does not make it a source again"
-            );
-        }
         // A primary that stopped with unconfirmed writes, replaced by its peer: the new
-        // primary's data wins (seed 38103), for every protocol.
+        // primary's data wins (seed 38103).
         let stopped_with_bits = SideInfo {
             dirty_bits: 13,
             ..side(1, 7, 0, [0; 2])
         };
-        for crashed_primary_is_target in [true, false] {
-            assert_eq!(
-                decide(
-                    &stopped_with_bits,
-                    &new_primary,
-                    p,
-                    crashed_primary_is_target
-                ),
-                Decision::Target { full: false },
-                "a secondary's bits never make it the source of a primary"
-            );
+        let takes_the_peers_data = [
+            (
+                &deposed,
+                &new_primary,
+                "a deposed primary is never the source of the primary that replaced it",
+            ),
+            (
+                &deposed,
+                &replaced_and_stopped,
+                "a deposed primary's crash does not make it a source again",
+            ),
+            (
+                &stopped_with_bits,
+                &new_primary,
+                "a secondary's bits never make it the source of a primary",
+            ),
+        ];
+        // For every protocol.
+        for (me, peer, why) in takes_the_peers_data {
+            for crashed_primary_is_target in [true, false] {
+                assert_eq!(
+                    decide(me, peer, p, crashed_primary_is_target),
+                    Decision::Target { full: false },
+                    "{why}"
+                );
+            }
         }
         // The peer is older than our bitmap window: full sync.
         assert_eq!(
