@@ -3,6 +3,7 @@
 //! | module | what |
 //! |--------|------|
 //! | [`core`] | the replica state machine (sans-IO): roles, links, disks, writes, resync |
+//! | [`metadata_io`] | the core's metadata actions on a metadata region (shell and simulator) |
 //! | [`decide`] | sync direction and split-brain detection from generation ids |
 //! | [`wire`] | the peer protocol's frames (magic, version, crc) |
 //! | [`transport`] | connected peer streams ([`PeerConnector`]) and frame I/O |
@@ -15,6 +16,7 @@ pub mod control;
 pub mod core;
 pub mod decide;
 pub mod latency;
+pub mod metadata_io;
 mod shell;
 pub mod transport;
 pub mod types;

@@ -12,9 +12,8 @@
 //! One task per volume owns the core and every buffer the core refers to (application
 //! write data, received payloads, read results), keyed as the core names them.
 
-use super::core::{
-    Action, Admin, DataRef, Event, IoTag, MdState, Notice, Persisted, Replica, ReplicaConfig, ReqId,
-};
+use super::core::{Action, Admin, DataRef, Event, IoTag, Notice, Replica, ReplicaConfig, ReqId};
+use super::metadata_io::{self, AfterMetadataFailure};
 use super::transport::{
     InFrame, OutFrame, OutPayload, PeerConnector, PeerStream, frame, read_frame, write_frames,
 };
@@ -111,14 +110,13 @@ pub(super) async fn start(
         MetadataLocation::Internal => config.backing.clone(),
         MetadataLocation::External(p) => p.clone(),
     };
-    let (md, persisted_parts) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (md, persisted) = tokio::task::spawn_blocking(move || -> Result<_> {
         let md = MetadataFile::open(&md_path)?;
-        let (bitmap, load) = md.read_bitmap()?;
+        let (persisted, load) = metadata_io::load(&md)?;
         if !load.bad_blocks.is_empty() {
             tracing::warn!(path = %md_path.display(), blocks = ?load.bad_blocks, "bitmap blocks failed their checksum; treating them as all out of sync");
         }
-        let al = md.read_al()?.map(|(_, e)| e).unwrap_or_default();
-        Ok((md, (bitmap, al)))
+        Ok((md, persisted))
     })
     .await
     .map_err(|e| TandemError::Io {
@@ -146,7 +144,6 @@ pub(super) async fn start(
             ),
         });
     }
-    let (bitmap, al) = persisted_parts;
     let mut rcfg = ReplicaConfig::new(sb.volume_id, sb.node_id, sb.data_size_bytes);
     rcfg.block_bytes = u64::from(store.block_bytes());
     rcfg.protocol = config.protocol;
@@ -155,19 +152,6 @@ pub(super) async fn start(
     rcfg.ping_interval_ms = config.ping_interval_ms;
     rcfg.ping_timeout_ms = config.ping_timeout_ms;
     rcfg.resync = config.resync;
-    let persisted = Persisted {
-        md: MdState {
-            generations: sb.generations,
-            flags: sb.flags,
-            epoch: sb.epoch,
-            primary_since_ms: sb.primary_since_ms,
-        },
-        bitmap,
-        al_extents: al,
-        al_extent_bytes: sb.al_extent_bytes,
-        al_capacity: sb.al_extents,
-        diskless: false,
-    };
     let seed = now_epoch_ms() ^ u64::from(std::process::id()).rotate_left(32) ^ sb.seq;
     let (core, initial) = Replica::new(rcfg, persisted, seed);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -495,25 +479,18 @@ impl Shell {
         let mut detached = false;
         for action in actions {
             if detached {
-                match &action {
-                    Action::LocalWrite { tag, .. }
-                    | Action::LocalTrim { tag, .. }
-                    | Action::LocalRead { tag, .. }
-                    | Action::LocalFlush { tag } => {
+                match metadata_io::after_metadata_failure(&action) {
+                    AfterMetadataFailure::Run => {}
+                    AfterMetadataFailure::Skip => continue,
+                    AfterMetadataFailure::Fail(tag) => {
                         let actions = self.core.step(Event::LocalDone {
-                            tag: *tag,
-                            result: Err("not run: the disk was detached after a failed \
-                                         metadata write"
-                                .into()),
+                            tag,
+                            result: Err(metadata_io::NOT_RUN_AFTER_METADATA_FAILURE.into()),
                             digest: None,
                         });
                         Box::pin(self.run_actions(actions)).await;
                         continue;
                     }
-                    Action::PersistAl { .. }
-                    | Action::PersistBitmap { .. }
-                    | Action::PersistSuperblock(_) => continue,
-                    _ => {}
                 }
             }
             if self.run_action(action).await == Ran::MetadataFailed {
@@ -634,42 +611,23 @@ impl Shell {
                     });
                 });
             }
-            Action::PersistSuperblock(state) => {
-                let r = self
-                    .with_md(move |md| {
-                        let mut sb = md.superblock().clone();
-                        sb.generations = state.generations;
-                        sb.flags = state.flags;
-                        sb.epoch = state.epoch;
-                        sb.primary_since_ms = state.primary_since_ms;
-                        md.write_superblock(&sb)
-                    })
-                    .await;
-                if let Err(e) = r {
-                    self.metadata_failed(&e).await;
-                    return Ran::MetadataFailed;
-                }
-            }
-            Action::PersistAl { extents } => {
-                let flushed = self.store.run(IoOp::Flush).await;
-                let r = match flushed.result {
-                    Ok(()) => self.with_md(move |md| md.write_al(&extents)).await,
+            Action::PersistAl { .. }
+            | Action::PersistBitmap { .. }
+            | Action::PersistSuperblock(_) => {
+                // The activity log covers writes about to start: what it drops must be
+                // on stable storage first.
+                let flushed = if matches!(action, Action::PersistAl { .. }) {
+                    self.store.run(IoOp::Flush).await.result
+                } else {
+                    Ok(())
+                };
+                let r = match flushed {
+                    Ok(()) => {
+                        self.with_md(move |md| metadata_io::write(md, &action))
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
-                if let Err(e) = r {
-                    self.metadata_failed(&e).await;
-                    return Ran::MetadataFailed;
-                }
-            }
-            Action::PersistBitmap { blocks } => {
-                let r = self
-                    .with_md(move |md| {
-                        for (b, words) in &blocks {
-                            md.write_bitmap_words(*b, words)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
                 if let Err(e) = r {
                     self.metadata_failed(&e).await;
                     return Ran::MetadataFailed;

@@ -357,10 +357,34 @@ pub struct BitmapLoad {
     pub bad_blocks: Vec<u64>,
 }
 
+/// What a metadata region lives on: a file or block device opened `O_DSYNC` (a write is
+/// durable when it returns), or the simulator's device, which fails and tears writes the
+/// way a disk does. Either way every byte goes through the encoders below.
+pub trait MetadataDevice: std::fmt::Debug + Send {
+    fn read_md_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()>;
+    /// Durable when it returns `Ok`.
+    fn write_md_at(&self, buf: &[u8], at: u64) -> std::io::Result<()>;
+    fn size_bytes(&self) -> std::io::Result<u64>;
+}
+
+impl MetadataDevice for std::fs::File {
+    fn read_md_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, at)
+    }
+    fn write_md_at(&self, buf: &[u8], at: u64) -> std::io::Result<()> {
+        FileExt::write_all_at(self, buf, at)
+    }
+    fn size_bytes(&self) -> std::io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = self;
+        f.seek(SeekFrom::End(0))
+    }
+}
+
 /// An open metadata region.
 #[derive(Debug)]
-pub struct MetadataFile {
-    file: std::fs::File,
+pub struct MetadataFile<D: MetadataDevice = std::fs::File> {
+    file: D,
     path: PathBuf,
     region_start: u64,
     layout: Layout,
@@ -385,42 +409,74 @@ impl MetadataFile {
             })
     }
 
-    fn device_size(file: &std::fs::File, path: &Path) -> Result<u64> {
-        use std::io::{Seek, SeekFrom};
-        let mut f = file;
-        f.seek(SeekFrom::End(0))
-            .map_err(|source| TandemError::ReadMetadata {
-                path: path.to_owned(),
-                source,
-            })
-    }
-
     /// Writes fresh metadata to `path` (the backing device when internal).
     ///
     /// The generation ids start at 0 ("no data yet") and the disk is Inconsistent — or,
     /// with [`CreateParams::zeroed`], Consistent at the volume's zeroed generation — the
     /// bitmap clear and the activity log empty.
     pub fn create(path: &Path, params: &CreateParams) -> Result<Self> {
+        check_create_params(path, params)?;
+        let file = Self::open_file(path, !params.internal)?;
+        if !params.internal {
+            let data = params.data_size_bytes.unwrap_or(0);
+            let layout = Layout::new(data, params.bitmap_granularity, params.al_slots);
+            file.set_len(layout.md_size_bytes)
+                .map_err(|source| TandemError::WriteMetadata {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        MetadataFile::create_on(file, path, params)
+    }
+
+    /// Opens existing metadata: internal at the end of `path`, or an external file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = Self::open_file(path, false)?;
+        MetadataFile::open_on(file, path)
+    }
+}
+
+fn check_create_params(path: &Path, params: &CreateParams) -> Result<()> {
+    let bad = |reason: String| TandemError::BadMetadata {
+        path: path.to_owned(),
+        reason,
+    };
+    let al_range = super::activity_log::EXTENTS;
+    if !al_range.contains(&params.al_extents) {
+        return Err(bad(format!(
+            "an activity log of {} extents: must be {} to {}",
+            params.al_extents,
+            al_range.start(),
+            al_range.end()
+        )));
+    }
+    let g = params.bitmap_granularity;
+    if !g.is_power_of_two() || g < 512 {
+        return Err(bad(format!(
+            "bitmap granularity {g} is not a power of two >= 512"
+        )));
+    }
+    Ok(())
+}
+
+impl<D: MetadataDevice> MetadataFile<D> {
+    fn device_size(file: &D, path: &Path) -> Result<u64> {
+        file.size_bytes()
+            .map_err(|source| TandemError::ReadMetadata {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// [`MetadataFile::create`] on a device (external metadata: already sized); `path`
+    /// names it in errors.
+    pub fn create_on(file: D, path: &Path, params: &CreateParams) -> Result<Self> {
+        check_create_params(path, params)?;
         let bad = |reason: String| TandemError::BadMetadata {
             path: path.to_owned(),
             reason,
         };
-        let al_range = super::activity_log::EXTENTS;
-        if !al_range.contains(&params.al_extents) {
-            return Err(bad(format!(
-                "an activity log of {} extents: must be {} to {}",
-                params.al_extents,
-                al_range.start(),
-                al_range.end()
-            )));
-        }
         let g = params.bitmap_granularity;
-        if !g.is_power_of_two() || g < 512 {
-            return Err(bad(format!(
-                "bitmap granularity {g} is not a power of two >= 512"
-            )));
-        }
-        let file = Self::open_file(path, !params.internal)?;
         let (data_size, region_start, layout) = if params.internal {
             let dev = Self::device_size(&file, path)?;
             // The bitmap sized for the whole device is an upper bound for the data part.
@@ -439,12 +495,14 @@ impl MetadataFile {
                 .data_size_bytes
                 .ok_or_else(|| bad("external metadata needs the data device's size".into()))?;
             let layout = Layout::new(data, g, params.al_slots);
-            file.set_len(layout.md_size_bytes)
-                .map_err(|source| TandemError::WriteMetadata {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            (data / 512 * 512, 0, layout)
+            let dev = Self::device_size(&file, path)?;
+            if dev < layout.md_size_bytes {
+                return Err(bad(format!(
+                    "{dev} bytes cannot hold {} bytes of metadata",
+                    layout.md_size_bytes
+                )));
+            }
+            (data / 512 * 512, dev - layout.md_size_bytes, layout)
         };
         let sb = Superblock {
             version: MD_VERSION,
@@ -496,9 +554,8 @@ impl MetadataFile {
         Ok(md)
     }
 
-    /// Opens existing metadata: internal at the end of `path`, or an external file.
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = Self::open_file(path, false)?;
+    /// [`MetadataFile::open`] on a device; `path` names it in errors.
+    pub fn open_on(file: D, path: &Path) -> Result<Self> {
         let dev = Self::device_size(&file, path)?;
         if dev < 2 * MD_BLOCK {
             return Err(TandemError::BadMetadata {
@@ -511,11 +568,12 @@ impl MetadataFile {
         for copy in 0..2u64 {
             let mut buf = [0u8; MD_BLOCK_USIZE];
             let at = dev - (2 - copy) * MD_BLOCK;
-            file.read_exact_at(&mut buf, at)
-                .map_err(|source| TandemError::ReadMetadata {
+            MetadataDevice::read_md_at(&file, &mut buf, at).map_err(|source| {
+                TandemError::ReadMetadata {
                     path: path.to_owned(),
                     source,
-                })?;
+                }
+            })?;
             match Superblock::decode(&buf) {
                 Ok(sb) => {
                     if best.as_ref().is_none_or(|(b, _)| sb.seq > b.seq) {
@@ -581,22 +639,22 @@ impl MetadataFile {
     }
 
     fn write_block(&self, rel: u64, block: &[u8; MD_BLOCK_USIZE]) -> Result<()> {
-        self.file
-            .write_all_at(block, self.region_start + rel)
-            .map_err(|source| TandemError::WriteMetadata {
+        MetadataDevice::write_md_at(&self.file, block, self.region_start + rel).map_err(|source| {
+            TandemError::WriteMetadata {
                 path: self.path.clone(),
                 source,
-            })
+            }
+        })
     }
 
     fn read_block(&self, rel: u64) -> Result<[u8; MD_BLOCK_USIZE]> {
         let mut buf = [0u8; MD_BLOCK_USIZE];
-        self.file
-            .read_exact_at(&mut buf, self.region_start + rel)
-            .map_err(|source| TandemError::ReadMetadata {
+        MetadataDevice::read_md_at(&self.file, &mut buf, self.region_start + rel).map_err(
+            |source| TandemError::ReadMetadata {
                 path: self.path.clone(),
                 source,
-            })?;
+            },
+        )?;
         Ok(buf)
     }
 

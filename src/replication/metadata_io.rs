@@ -1,0 +1,89 @@
+//! The replica's metadata actions carried out on a metadata region: one implementation
+//! for tandemd's shell and the simulator, so the simulator loads and writes exactly what
+//! tandemd does, through the same encoders, and a failed write ends its batch the same way.
+
+use super::core::{Action, IoTag, MdState, Persisted};
+use crate::error::Result;
+use crate::store::metadata::{BitmapLoad, MetadataDevice, MetadataFile};
+
+/// What a replica starts from: the superblock, bitmap and activity log on disk (bitmap
+/// blocks that fail their check come back all-dirty, listed in the [`BitmapLoad`]).
+pub fn load<D: MetadataDevice>(md: &MetadataFile<D>) -> Result<(Persisted, BitmapLoad)> {
+    let (bitmap, load) = md.read_bitmap()?;
+    let al_extents = md.read_al()?.map(|(_, e)| e).unwrap_or_default();
+    let sb = md.superblock();
+    let persisted = Persisted {
+        md: MdState {
+            generations: sb.generations,
+            flags: sb.flags,
+            epoch: sb.epoch,
+            primary_since_ms: sb.primary_since_ms,
+        },
+        bitmap,
+        al_extents,
+        al_extent_bytes: sb.al_extent_bytes,
+        al_capacity: sb.al_extents,
+        diskless: false,
+    };
+    Ok((persisted, load))
+}
+
+/// Carries out a metadata action (`Persist*`; any other action is not this module's and
+/// does nothing). `PersistAl` must follow a flush of the data device: the caller's part,
+/// as the flush goes to the data store.
+pub fn write<D: MetadataDevice>(md: &mut MetadataFile<D>, action: &Action) -> Result<()> {
+    match action {
+        Action::PersistSuperblock(state) => {
+            let mut sb = md.superblock().clone();
+            sb.generations = state.generations;
+            sb.flags = state.flags;
+            sb.epoch = state.epoch;
+            sb.primary_since_ms = state.primary_since_ms;
+            md.write_superblock(&sb)
+        }
+        Action::PersistAl { extents } => md.write_al(extents),
+        Action::PersistBitmap { blocks } => {
+            for (b, words) in blocks {
+                md.write_bitmap_words(*b, words)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Is this a metadata action?
+pub fn is_metadata(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::PersistSuperblock(_) | Action::PersistAl { .. } | Action::PersistBitmap { .. }
+    )
+}
+
+/// What becomes of a later action of a batch in which a metadata write failed (the core
+/// has then detached the disk). The core placed the metadata write first because what
+/// follows needs it (a write needs its activity-log extent on disk), so:
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterMetadataFailure {
+    /// Not disk I/O: it runs.
+    Run,
+    /// A metadata write for a detached disk: dropped.
+    Skip,
+    /// Local I/O: not run, answered to the core as failed so it accounts for it.
+    Fail(IoTag),
+}
+
+pub fn after_metadata_failure(action: &Action) -> AfterMetadataFailure {
+    match action {
+        Action::LocalWrite { tag, .. }
+        | Action::LocalTrim { tag, .. }
+        | Action::LocalRead { tag, .. }
+        | Action::LocalFlush { tag } => AfterMetadataFailure::Fail(*tag),
+        a if is_metadata(a) => AfterMetadataFailure::Skip,
+        _ => AfterMetadataFailure::Run,
+    }
+}
+
+/// The error a local I/O skipped after a failed metadata write reports.
+pub const NOT_RUN_AFTER_METADATA_FAILURE: &str =
+    "not run: the disk was detached after a failed metadata write";
