@@ -217,6 +217,7 @@ fn garbage_on_the_replication_port_is_refused_and_metadata_stays_intact() {
                 dirty_bits: 0,
                 primary_since_ms: 0,
                 primary_crashed: false,
+                cache_lost: false,
                 discard_my_data: false,
             });
             encode(&hello, &[])

@@ -590,6 +590,9 @@ struct RecvOp {
     conn: u64,
     /// Pinned in the activity log: this node became primary while it was still landing.
     al_pinned: bool,
+    /// The primary that sent it had no disk: once written, only this copy holds it,
+    /// whatever becomes of the link meanwhile.
+    from_diskless: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -770,7 +773,7 @@ impl Replica {
     /// The returned actions must run first (crash recovery may write metadata).
     pub fn new(cfg: ReplicaConfig, persisted: Persisted, seed: u64) -> (Self, Vec<Action>) {
         let Persisted {
-            md,
+            mut md,
             mut bitmap,
             al_extents,
             al_extent_bytes,
@@ -792,6 +795,12 @@ impl Replica {
             actions.push(Action::PersistBitmap { blocks });
         }
         al.load(&[]);
+        if !diskless {
+            // The last process did not stop cleanly: this disk may have lost writes from
+            // its cache. Known until the node is in sync with its peer again.
+            md.flags.cache_lost |= md.flags.open;
+            md.flags.open = true;
+        }
         let disk = if diskless {
             DiskState::Diskless
         } else if !md.flags.consistent {
@@ -869,6 +878,11 @@ impl Replica {
             stopped: false,
             verify_mismatched_total: 0,
         };
+        if !diskless {
+            // `open` on disk before anything else is written (the record of the last
+            // role stays as it was, for `dump-md`).
+            me.persist_sb(&mut actions);
+        }
         me.md.flags.was_primary = false;
         (me, actions)
     }
@@ -2281,6 +2295,7 @@ impl Replica {
             primary_since_ms: self.md.primary_since_ms,
             // A live primary has not crashed; the flag speaks for a restarted node.
             primary_crashed: self.md.flags.primary_crashed && self.role != Role::Primary,
+            cache_lost: self.md.flags.cache_lost,
             discard_my_data: self.discard_my_data,
         }
     }
@@ -2864,6 +2879,7 @@ impl Replica {
             dirty_bits: self.bitmap.count(),
             primary_since_ms: self.md.primary_since_ms,
             primary_crashed: self.md.flags.primary_crashed && self.role != Role::Primary,
+            cache_lost: self.md.flags.cache_lost,
             discard_my_data: self.discard_my_data,
             diskless: self.disk == DiskState::Diskless,
             inconsistent: self.disk == DiskState::Inconsistent,
@@ -2877,6 +2893,7 @@ impl Replica {
             dirty_bits: h.dirty_bits,
             primary_since_ms: h.primary_since_ms,
             primary_crashed: h.primary_crashed,
+            cache_lost: h.cache_lost,
             discard_my_data: h.discard_my_data,
             diskless: h.disk == DiskState::Diskless,
             inconsistent: h.disk == DiskState::Inconsistent,
@@ -2934,8 +2951,9 @@ impl Replica {
                 let same = self.md.generations.current == h.generations.current;
                 if same && matches!(self.disk, DiskState::Outdated | DiskState::Consistent) {
                     // Same data as the peer: this copy is as new as any.
-                    if self.md.flags.outdated {
+                    if self.md.flags.outdated || self.md.flags.cache_lost {
                         self.md.flags.outdated = false;
+                        self.md.flags.cache_lost = false;
                         self.persist_sb(out);
                     }
                     self.set_disk(DiskState::UpToDate, out);
@@ -3113,6 +3131,7 @@ impl Replica {
                 started: false,
                 conn: self.conn_gen,
                 al_pinned: false,
+                from_diskless: self.peer_disk == DiskState::Diskless,
             },
         );
         self.pump_recv(out);
@@ -3188,7 +3207,19 @@ impl Replica {
             self.al.end(op.offset, op.len);
         }
         self.retry_waiting_reads(out);
-        if self.is_connected() && op.conn == self.conn_gen {
+        let replicated = matches!(op.kind, RecvKind::Data { .. } | RecvKind::Trim { .. });
+        let still_linked = self.is_connected() && op.conn == self.conn_gen;
+        if ok
+            && replicated
+            && (op.from_diskless || still_linked && self.peer_disk == DiskState::Diskless)
+        {
+            // The primary has no disk: only this copy holds the write — recorded even if
+            // the link broke while it landed (with protocol A or B the primary may have
+            // acknowledged it already, and a diskless primary's own record dies with its
+            // process): a disk of the primary's that comes back as it was must get it.
+            self.bitmap.set_range(op.offset, op.len);
+        }
+        if still_linked {
             match op.kind {
                 RecvKind::Data { seq, .. } | RecvKind::Trim { seq, .. } => {
                     let msg = if ok {
@@ -3197,10 +3228,7 @@ impl Replica {
                         Msg::NegAck { seq }
                     };
                     self.send(msg, None, out);
-                    if ok && self.peer_disk == DiskState::Diskless {
-                        // The primary has no disk: only this copy holds the write.
-                        self.bitmap.set_range(op.offset, op.len);
-                    } else if ok {
+                    if ok && !op.from_diskless && self.peer_disk != DiskState::Diskless {
                         self.bitmap.clear_covered(op.offset, op.len);
                     }
                 }
@@ -3421,6 +3449,8 @@ impl Replica {
             self.md.flags.primary_crashed = false;
         }
         self.md.flags.was_primary = self.role == Role::Primary;
+        // The data was flushed above (the activity-log transaction): a clean stop.
+        self.md.flags.open = false;
         self.persist_sb(out);
         self.stopped = true;
         out.push(Action::Stopped);

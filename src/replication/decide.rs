@@ -15,6 +15,9 @@ pub struct SideInfo {
     pub dirty_bits: u64,
     pub primary_since_ms: u64,
     pub primary_crashed: bool,
+    /// Its disk's cache may have been lost since it was last in sync (its process did
+    /// not stop cleanly): received writes it had not flushed may be gone.
+    pub cache_lost: bool,
     pub discard_my_data: bool,
     pub diskless: bool,
     /// The disk holds a partial resync (or was never synced): it can only be a target.
@@ -98,6 +101,21 @@ fn compare(me: &SideInfo, peer: &SideInfo, crashed_primary_is_target: bool) -> D
             match (me.role, peer.role) {
                 (Role::Secondary, Role::Primary) => return Decision::Target { full: false },
                 (Role::Primary, Role::Secondary) => return Decision::Source { full: false },
+                _ => {}
+            }
+        }
+        // A secondary that lost its disk cache may lack writes it completed: where its
+        // peer (whose cache did not go) has bits — writes the peer made as primary that
+        // were never confirmed durable — the peer's copy is the one to keep, whatever
+        // the outdate records say. At the same generation the peer never wrote without
+        // this node, so its copy lacks nothing this one holds (seeds 1191, 30259: the
+        // cluster deposed the primary, and its replacement lost power before it took
+        // the role; the deposed one, cleanly stopped, held a trim the replacement lost).
+        // A primary's crash is the crash rules' below (its activity log says where).
+        if me.dirty_bits > 0 || peer.dirty_bits > 0 {
+            match (me.cache_lost, peer.cache_lost) {
+                (true, false) if !me.primary_crashed => return Decision::Target { full: false },
+                (false, true) if !peer.primary_crashed => return Decision::Source { full: false },
                 _ => {}
             }
         }
@@ -236,10 +254,50 @@ mod tests {
             dirty_bits: 0,
             primary_since_ms: 0,
             primary_crashed: false,
+            cache_lost: false,
             discard_my_data: false,
             diskless: false,
             inconsistent: false,
             outdated: false,
+        }
+    }
+
+    /// Same generation, no primary: the deposed primary (outdated, its crash flag still
+    /// set, bits for writes its peer never confirmed durable) against the node that was
+    /// to replace it and lost power before it took the role (seeds 1191, 30259). The
+    /// outdate record would make the replacement the source; its cache lost what the
+    /// bits mark, so the deposed node's copy is the one to keep there. Without the power
+    /// loss the outdate record still ranks them (seed 14102).
+    #[test]
+    fn a_secondary_that_lost_its_cache_takes_the_deposed_primarys_unconfirmed_writes() {
+        let p = SplitBrainPolicy::Disconnect;
+        let deposed = SideInfo {
+            primary_crashed: true,
+            outdated: true,
+            dirty_bits: 6,
+            ..side(1, 7, 0, [3, 0])
+        };
+        let replacement = SideInfo {
+            cache_lost: true,
+            ..side(2, 7, 7, [3, 0])
+        };
+        for protocol_c in [true, false] {
+            assert_eq!(
+                decide(&deposed, &replacement, p, protocol_c),
+                Decision::Source { full: false }
+            );
+            assert_eq!(
+                decide(&replacement, &deposed, p, protocol_c),
+                Decision::Target { full: false }
+            );
+            let intact = SideInfo {
+                cache_lost: false,
+                ..replacement
+            };
+            assert_eq!(
+                decide(&deposed, &intact, p, protocol_c),
+                Decision::Target { full: false }
+            );
         }
     }
 
@@ -379,7 +437,7 @@ mod tests {
             0u64..3,
             any::<bool>(),
             any::<bool>(),
-            (any::<bool>(), any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         )
             .prop_map(
                 move |(
@@ -392,7 +450,7 @@ mod tests {
                     since,
                     crashed,
                     discard,
-                    (primary, inconsistent, outdated),
+                    (primary, inconsistent, outdated, cache_lost),
                 )| {
                     SideInfo {
                         node_id: NodeId(node),
@@ -410,6 +468,7 @@ mod tests {
                         dirty_bits: dirty,
                         primary_since_ms: since,
                         primary_crashed: crashed,
+                        cache_lost,
                         discard_my_data: discard,
                         diskless: false,
                         inconsistent,

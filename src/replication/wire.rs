@@ -17,8 +17,9 @@ use super::types::{DiskState, Epoch, GenerationIds, NodeId, Protocol, Role, Volu
 
 /// Frame magic ("TNDM").
 pub const MAGIC: u32 = 0x544e_444d;
-/// Wire protocol version.
-pub const PROTO_VERSION: u8 = 1;
+/// Wire protocol version (2: `Hello` says whether the sender's disk cache was lost; a
+/// version-1 peer is refused with a clear error rather than misread).
+pub const PROTO_VERSION: u8 = 2;
 /// Header bytes.
 pub const HEADER_BYTES: usize = 16;
 /// Largest body accepted (a 4 MiB data payload plus fixed fields).
@@ -68,6 +69,8 @@ pub struct Hello {
     pub dirty_bits: u64,
     pub primary_since_ms: u64,
     pub primary_crashed: bool,
+    /// The sender's disk cache may have been lost since it was last in sync.
+    pub cache_lost: bool,
     pub discard_my_data: bool,
 }
 
@@ -230,7 +233,10 @@ impl Msg {
 
 /// (name, fixed body bytes) per kind, indexed by kind - 1.
 const KINDS: [(&str, usize); 24] = [
-    ("Hello", 16 + 4 + 8 + 32 + 1 + 1 + 8 + 1 + 4 + 8 + 8 + 1 + 1),
+    (
+        "Hello",
+        16 + 4 + 8 + 32 + 1 + 1 + 8 + 1 + 4 + 8 + 8 + 1 + 1 + 1,
+    ),
     ("Refuse", 0),
     ("Data", 8 + 8 + 4 + 1 + 4),
     ("Trim", 8 + 8 + 8 + 1 + 4),
@@ -455,6 +461,7 @@ pub fn encode(msg: &Msg, payload: &[u8]) -> Vec<u8> {
             w.u64(h.primary_since_ms);
             w.u8(u8::from(h.primary_crashed));
             w.u8(u8::from(h.discard_my_data));
+            w.u8(u8::from(h.cache_lost));
         }
         Msg::Refuse { .. } | Msg::Ping | Msg::PingAck => {}
         Msg::Data {
@@ -577,6 +584,7 @@ pub fn decode(header: &Header, fixed: &[u8], payload: &[u8]) -> Result<Msg, Wire
                 primary_since_ms: r.u64(),
                 primary_crashed: r.bool()?,
                 discard_my_data: r.bool()?,
+                cache_lost: r.bool()?,
             })
         }
         2 => Msg::Refuse {
@@ -715,6 +723,7 @@ mod tests {
             dirty_bits: 17,
             primary_since_ms: 1234,
             primary_crashed: true,
+            cache_lost: true,
             discard_my_data: false,
         }
     }

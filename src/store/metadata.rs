@@ -61,6 +61,13 @@ pub struct MdFlags {
     /// Set while primary, cleared on clean demote/shutdown: a crash leaves it set, so the
     /// activity log extents must be resynced from this node.
     pub primary_crashed: bool,
+    /// A tandemd process has the disk open: set at start, cleared by a clean shutdown.
+    /// Found set at start, the last process ended without one (power loss, crash, kill).
+    pub open: bool,
+    /// The disk's volatile cache may have been lost (the last process did not stop
+    /// cleanly) since this node was last in sync with its peer: writes it completed as
+    /// a secondary but had not flushed may be gone, and only its peer knows which.
+    pub cache_lost: bool,
 }
 
 impl MdFlags {
@@ -69,6 +76,8 @@ impl MdFlags {
             | u32::from(self.outdated) << 1
             | u32::from(self.was_primary) << 2
             | u32::from(self.primary_crashed) << 3
+            | u32::from(self.open) << 4
+            | u32::from(self.cache_lost) << 5
     }
 
     fn from_bits(bits: u32) -> Self {
@@ -77,6 +86,8 @@ impl MdFlags {
             outdated: bits & 2 != 0,
             was_primary: bits & 4 != 0,
             primary_crashed: bits & 8 != 0,
+            open: bits & 16 != 0,
+            cache_lost: bits & 32 != 0,
         }
     }
 }
@@ -833,8 +844,14 @@ impl std::fmt::Display for MetadataDump {
         writeln!(f, "epoch           {}", sb.epoch.0)?;
         writeln!(
             f,
-            "flags           consistent={} outdated={} was-primary={} primary-crashed={}",
-            sb.flags.consistent, sb.flags.outdated, sb.flags.was_primary, sb.flags.primary_crashed
+            "flags           consistent={} outdated={} was-primary={} primary-crashed={} \
+             open={} cache-lost={}",
+            sb.flags.consistent,
+            sb.flags.outdated,
+            sb.flags.was_primary,
+            sb.flags.primary_crashed,
+            sb.flags.open,
+            sb.flags.cache_lost
         )?;
         writeln!(
             f,

@@ -187,13 +187,29 @@ impl Replica {
     }
 
     /// Sync target: the resync is complete and durable; adopt the source's generations.
+    /// The crash flag says this node's own writes as primary may be missing from its disk
+    /// (its activity log marks where). Once they all landed it may go — after a flush:
+    /// landed is not durable (seed 1954: a deposed primary's late write, landed in the
+    /// disk cache and read for a resync it led, was lost in a power loss after the flag
+    /// had gone, and nothing marked the block). The activity-log transaction flushes the
+    /// data first, and the superblock written after it carries the cleared flag.
+    fn flush_before_clearing_the_crash_flag(&mut self, out: &mut Vec<Action>) {
+        out.push(Action::PersistAl {
+            extents: self.al.extents(),
+        });
+        self.md.flags.primary_crashed = false;
+    }
+
     pub(super) fn adopt_sync(&mut self, generations: super::GenerationIds, out: &mut Vec<Action>) {
         self.md.generations = generations;
         self.md.flags.consistent = true;
         self.md.flags.outdated = false;
+        self.md.flags.cache_lost = false;
         // A write of this node's own still landing (a fenced request's) keeps the crash
         // guard: if power fails before it lands, its extent must be resynced.
-        self.md.flags.primary_crashed &= !self.disk_writes.is_empty();
+        if self.md.flags.primary_crashed && self.disk_writes.is_empty() {
+            self.flush_before_clearing_the_crash_flag(out);
+        }
         self.bitmap.clear_all();
         let blocks = Self::bitmap_blocks(&mut self.bitmap);
         out.push(Action::PersistBitmap { blocks });
@@ -480,9 +496,14 @@ impl Replica {
             && self.bitmap.count() == 0;
         if done {
             self.md.generations.rotate_bitmap_into_history();
-            if self.role == Role::Secondary && self.disk_writes.is_empty() {
-                self.md.flags.primary_crashed = false;
+            if self.role == Role::Secondary
+                && self.disk_writes.is_empty()
+                && self.md.flags.primary_crashed
+            {
+                self.flush_before_clearing_the_crash_flag(out);
             }
+            // The peer holds this copy now: whatever its cache lost is the pair's.
+            self.md.flags.cache_lost = false;
             let generations = self.md.generations;
             let blocks = Self::bitmap_blocks(&mut self.bitmap);
             if !blocks.is_empty() {

@@ -694,6 +694,53 @@ fn a_secondary_tracks_what_a_diskless_primary_writes_through_it() {
     );
 }
 
+/// Hole (found by the simulator once metadata writes could fail, seed 9477 of
+/// `protocols_a_and_b_converge`): a diskless primary's write reached the peer, the link
+/// broke while it landed there, and the peer no longer recorded it — the primary's disk
+/// came back as it was, took a bitmap resync, and kept stale blocks. The peer records
+/// it by where it came from, not by the state of the link when it lands.
+#[test]
+fn a_diskless_primarys_write_that_lands_after_the_link_broke_is_still_tracked() {
+    let (mut a, mut b) = connected();
+    b.step(peer_msg(Msg::StateUpdate {
+        role: Role::Primary,
+        disk: DiskState::Diskless,
+        epoch: b.md.epoch,
+    }));
+    let seq = write_sent(&mut a, ReqId(1), 7 * 4096);
+    let acts = b.step(Event::PeerMsg {
+        msg: Msg::Data {
+            seq,
+            offset: 7 * 4096,
+            len: 4096,
+            fua: false,
+            barrier: a.barrier,
+        },
+        payload: Some(10),
+        payload_len: 4096,
+        inline: vec![],
+    });
+    let tag = acts
+        .iter()
+        .find_map(|x| match x {
+            Action::LocalWrite { tag, .. } => Some(*tag),
+            _ => None,
+        })
+        .expect("the secondary writes it");
+    b.step(Event::TransportDown {
+        reason: "test: the link broke".into(),
+    });
+    b.step(Event::LocalDone {
+        tag,
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(
+        b.bitmap().is_set(7),
+        "a diskless primary's write that landed after the link broke is in no bitmap"
+    );
+}
+
 /// Hole (found by the simulator, seed 15741): a write landed on the primary's disk, the
 /// disk died before a flush, and the link broke before the peer's ack; the fencing gate
 /// then completed the write as if the dead disk held it. A write whose local part was
@@ -725,5 +772,85 @@ fn a_write_whose_only_copy_was_on_a_failed_disk_is_not_acknowledged() {
         acts.iter()
             .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
         "{acts:?}"
+    );
+}
+
+/// A node cannot tell which writes its disk cache lost in a power loss; only its peer's
+/// bitmap can. So a process marks the disk `open` at start and clears it on a clean
+/// shutdown; found set at start, the disk's cache may be lost (`cache_lost`, told to the
+/// peer in the Hello) until the node is in sync again.
+#[test]
+fn a_process_that_did_not_stop_cleanly_says_its_disk_cache_may_be_lost() {
+    let cfg = || {
+        let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(1), 1 << 20);
+        cfg.fencing = FencingPolicy::DontCare;
+        cfg
+    };
+    let persisted_flags = |acts: &[Action]| {
+        acts.iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::PersistSuperblock(md) => Some(md.flags),
+                _ => None,
+            })
+            .expect("a superblock is written")
+    };
+    // A fresh start after a clean stop: the disk is marked open, nothing was lost.
+    let (mut clean, acts) = Replica::new(cfg(), persisted(7), 1);
+    let flags = persisted_flags(&acts);
+    assert!(flags.open && !flags.cache_lost, "{flags:?}");
+    assert!(!clean.hello().cache_lost);
+    let acts = clean.step(Event::Admin(Admin::Shutdown));
+    assert!(
+        !persisted_flags(&acts).open,
+        "a clean shutdown leaves the disk marked open: {acts:?}"
+    );
+    // The last process ended without a clean stop.
+    let mut after_crash = persisted(7);
+    after_crash.md.flags.open = true;
+    let (mut crashed, acts) = Replica::new(cfg(), after_crash, 1);
+    let flags = persisted_flags(&acts);
+    assert!(flags.open && flags.cache_lost, "{flags:?}");
+    assert!(crashed.hello().cache_lost, "the peer must be told");
+    // In sync with a peer again (same generation, nothing differs): known complete.
+    let mut peer = replica(2);
+    for r in [&mut crashed, &mut peer] {
+        r.step(Event::Admin(Admin::Connect));
+        r.step(Event::TransportUp);
+    }
+    let (hc, hp) = (hello_of(&crashed), hello_of(&peer));
+    let acts = crashed.step(peer_msg(hp));
+    peer.step(peer_msg(hc));
+    assert_eq!(crashed.conn(), ConnState::Connected);
+    assert!(
+        !persisted_flags(&acts).cache_lost,
+        "in sync again, the flag stays: {acts:?}"
+    );
+}
+
+/// Hole (found by the simulator once metadata writes took time, seed 1954): a node's
+/// crash flag went once its own writes had landed — landed in the disk cache, not
+/// durable — and a power loss then lost one with nothing marking its block. The flag
+/// goes only after a flush (an activity-log transaction flushes the data first).
+#[test]
+fn the_crash_flag_is_cleared_only_after_a_flush() {
+    let mut crashed = persisted(7);
+    crashed.md.flags.primary_crashed = true;
+    crashed.al_extents = vec![0];
+    let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(1), 1 << 20);
+    cfg.fencing = FencingPolicy::DontCare;
+    let (mut r, _) = Replica::new(cfg, crashed, 1);
+    let mut out = Vec::new();
+    let gens = r.md.generations;
+    r.adopt_sync(gens, &mut out);
+    let cleared = out
+        .iter()
+        .position(|a| matches!(a, Action::PersistSuperblock(md) if !md.flags.primary_crashed))
+        .expect("the resync's end clears the crash flag");
+    assert!(
+        out[..cleared]
+            .iter()
+            .any(|a| matches!(a, Action::PersistAl { .. })),
+        "the crash flag is cleared without a flush first: {out:?}"
     );
 }
