@@ -8,6 +8,14 @@
 //! failing run. After every step each core's `check_invariants()` runs, and the
 //! invariants in [`invariants`] are checked at crashes, promotions and at the end.
 //!
+//! Metadata is not a model: each node's superblock, activity log and bitmap go through
+//! tandemd's own `metadata_io` and `store::metadata` encoders onto a simulated device
+//! (`md_device`) on the node's disk. A metadata action takes a local I/O's time and the
+//! node's process waits for it, taking its other inputs afterwards in order (as the
+//! shell does); a dead disk fails it (the core detaches the disk and the rest of the
+//! batch follows the shell's rule, shared with it); a power loss during it tears or
+//! loses its block writes; a restart loads what is on the device.
+//!
 //! Faults and actions in the default mix: crashes (power loss of either node, also while
 //! the other is cleanly stopped), partitions, failovers, local I/O stalls of 50–500 ms,
 //! process pauses of 50–1500 ms, connection resets with an immediate reconnect, clean
@@ -35,22 +43,25 @@
 //! Compiled for tests and with the `sim` feature (for the cluster's own simulation).
 
 pub mod invariants;
+mod md_device;
 mod oracle;
 
 pub use oracle::Oracle;
 
 use crate::replication::core::Replica;
 use crate::replication::core::{
-    Action, Admin, DataRef, Event, IoTag, MdState, Notice, Persisted, ReplicaConfig, ReqId,
+    Action, Admin, DataRef, Event, IoTag, MdState, Notice, ReplicaConfig, ReqId,
 };
+use crate::replication::metadata_io::{self, AfterMetadataFailure};
 use crate::replication::types::{
     ConnState, DiskState, Epoch, FencingPolicy, GenerationIds, NodeId, Protocol, Role, VolumeId,
 };
 use crate::replication::wire::Msg;
-use crate::store::bitmap::Bitmap;
-use crate::store::metadata::MdFlags;
+use crate::store::metadata::{CreateParams, MdFlags, MetadataFile};
+use md_device::SimMdDevice;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::path::Path;
 
 /// Simulated block size (one token per block).
 pub const BLOCK: u64 = 4096;
@@ -173,11 +184,17 @@ impl SimDisk {
     }
 }
 
-#[derive(Debug, Clone)]
-struct PersistedMd {
-    md: MdState,
-    bitmap_words: Vec<u64>,
-    al: Vec<u32>,
+/// Activity-log transaction slots of the simulated metadata (fewer than tandemd's
+/// default, so that they wrap often).
+const AL_SLOTS: u32 = 3;
+
+/// What a node's process still has to do with the actions of one step, in order (the
+/// shell runs a step's batch to its end before it takes the next input).
+#[derive(Debug)]
+struct Batch {
+    actions: VecDeque<Action>,
+    /// A metadata write of this batch failed: its local I/O is not run.
+    detached: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +245,12 @@ enum SimEvent {
         request: u64,
         ok: bool,
     },
+    /// The metadata action in flight finished (`Err`: the write failed).
+    MetadataDone {
+        node: usize,
+        incarnation: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// One simulated node.
@@ -237,7 +260,17 @@ pub struct SimNode {
     pub disk: SimDisk,
     pub up: bool,
     incarnation: u64,
-    md: PersistedMd,
+    /// The metadata region on this node's disk, and the metadata file the node's
+    /// process has open on it (reopened, through the real loader, at every restart).
+    md_dev: SimMdDevice,
+    md: MetadataFile<SimMdDevice>,
+    /// Actions of earlier steps still to run, innermost last; a metadata action in
+    /// flight (`md_busy`) holds the rest back.
+    batches: Vec<Batch>,
+    md_busy: bool,
+    /// Inputs that arrived while the process was busy with a batch: taken in order when
+    /// it is done (the shell's input channel).
+    backlog: VecDeque<Event>,
     app_data: HashMap<ReqId, Vec<u64>>,
     payloads: HashMap<u64, Vec<u64>>,
     reads: HashMap<IoTag, Vec<u64>>,
@@ -290,10 +323,12 @@ pub struct SimConfig {
     /// In one run out of five (chosen by the seed), the peer's read replies are sometimes
     /// well framed but wrong: a block longer than the read asked for.
     pub hostile_peer: bool,
-    /// In one run out of two (chosen by the seed), one node's disk dies somewhere in the
-    /// run, while the pair is in sync: EIO on every local I/O from then on. The core must
-    /// detach it (Diskless) and go on through the peer. When the run heals, the disk is
-    /// replaced (the node restarts on it, Inconsistent) and a full sync brings it back.
+    /// In one run out of two (chosen by the seed), one node's disk dies early in the run,
+    /// while the pair is in sync: EIO on every local I/O and metadata write from then on.
+    /// The core must detach it (Diskless) and go on through the peer. When the run heals
+    /// the disk comes back: a new one (`create-md`, no data), or the same one after a
+    /// transient failure, with the stale data and metadata it held when it died; either
+    /// way a resync must bring it back.
     /// Decided apart from the schedule's random stream, so a run without the failure is
     /// the same run as without the knob.
     pub disk_failures: bool,
@@ -371,6 +406,10 @@ pub struct SimReport {
     pub disks_replaced: u64,
     /// Read replies the hostile peer made one block too long.
     pub bad_replies: u64,
+    /// Power losses while a metadata action was in flight that lost or tore some of its
+    /// block writes; metadata writes that failed (a dead disk).
+    pub torn_metadata: u64,
+    pub failed_metadata: u64,
 }
 
 /// The simulated world.
@@ -403,6 +442,13 @@ pub struct Sim {
     pending_app: BTreeMap<ReqId, (usize, AppKind)>,
     /// Nodes told `SuspendIo` and not resumed, demoted or restarted since.
     held: [bool; 2],
+    /// The node's process has taken the `SuspendIo` (its queue may hold it a while after
+    /// the cluster decided it) and not yet a `ResumeIo` or `StepDown`.
+    suspend_taken: [bool; 2],
+    /// The node lost power since the pair was last in sync: its disk may hold acknowledged
+    /// writes only by luck (what its cache happened to keep), which no replica can know.
+    /// Its peer losing power too is a double failure.
+    crashed_since_sync: [bool; 2],
     /// A paused node's process handles nothing before this time.
     paused_until: [u64; 2],
     /// Flushes submitted while the pair was connected and in sync: on which link.
@@ -484,40 +530,31 @@ impl Sim {
             },
             pending_app: BTreeMap::new(),
             held: [false; 2],
+            suspend_taken: [false; 2],
+            crashed_since_sync: [false; 2],
             paused_until: [0; 2],
             flush_links: HashMap::new(),
             promoting: None,
             failing_disk: (cfg.disk_failures && seed % 2 == 1).then(|| {
                 let mut pick = SimRng::new(seed ^ 0x5eed_d15c);
-                (usize::from(pick.chance(50)), pick.below(1000))
+                (usize::from(pick.chance(50)), pick.below(200))
             }),
             local_ios: 0,
             healing: false,
         };
         for id in 0..2u32 {
-            let md = PersistedMd {
-                md: MdState {
-                    generations: GenerationIds {
-                        current: 0x1000,
-                        ..Default::default()
-                    },
-                    flags: MdFlags {
-                        consistent: true,
-                        ..Default::default()
-                    },
-                    epoch: Epoch(1),
-                    primary_since_ms: 0,
-                },
-                bitmap_words: Bitmap::new(size, 4096).words().to_vec(),
-                al: Vec::new(),
-            };
-            let core = sim.build_core(id, &md);
+            let (md_dev, md) = sim.initial_metadata(id);
+            let (core, startup) = sim.open_replica(id, &md);
             sim.nodes.push(SimNode {
                 core,
                 disk: SimDisk::new(cfg.blocks),
                 up: true,
                 incarnation: 0,
+                md_dev,
                 md,
+                batches: Vec::new(),
+                md_busy: false,
+                backlog: VecDeque::new(),
                 app_data: HashMap::new(),
                 payloads: HashMap::new(),
                 reads: HashMap::new(),
@@ -528,6 +565,7 @@ impl Sim {
                 disk_failed: false,
                 notices: Vec::new(),
             });
+            sim.run_batch(usize::try_from(id).expect("small"), startup);
         }
         sim.cluster_primary = Some(0);
         sim.promote(0);
@@ -536,33 +574,59 @@ impl Sim {
         sim
     }
 
-    fn build_core(&mut self, id: u32, md: &PersistedMd) -> Replica {
+    /// `create-md` on a node's new disk: no data yet (generation 0), Inconsistent.
+    fn create_metadata(&self, id: u32) -> (SimMdDevice, MetadataFile<SimMdDevice>) {
+        let mut params = CreateParams::new(VolumeId::from_name("sim"), NodeId(id));
+        params.internal = false;
+        params.data_size_bytes = Some(self.replica_cfg.size_bytes);
+        params.al_extents = AL_CAPACITY;
+        params.al_extent_bytes = 16 * BLOCK;
+        params.al_slots = AL_SLOTS;
+        let layout = crate::store::metadata::Layout::new(
+            self.replica_cfg.size_bytes,
+            params.bitmap_granularity,
+            AL_SLOTS,
+        );
+        let dev = SimMdDevice::new(layout.md_size_bytes);
+        let md = MetadataFile::create_on(dev.clone(), Path::new("sim-md"), &params)
+            .unwrap_or_else(|e| panic!("create-md on the simulated device: {e}"));
+        (dev, md)
+    }
+
+    /// The metadata both replicas of a run start from: the same generation, consistent,
+    /// epoch 1.
+    fn initial_metadata(&self, id: u32) -> (SimMdDevice, MetadataFile<SimMdDevice>) {
+        let (dev, mut md) = self.create_metadata(id);
+        let start = MdState {
+            generations: GenerationIds {
+                current: 0x1000,
+                ..Default::default()
+            },
+            flags: MdFlags {
+                consistent: true,
+                ..Default::default()
+            },
+            epoch: Epoch(1),
+            primary_since_ms: 0,
+        };
+        metadata_io::write(&mut md, &Action::PersistSuperblock(start))
+            .unwrap_or_else(|e| panic!("writing the simulated superblock: {e}"));
+        (dev, md)
+    }
+
+    /// A node's process starts on its metadata, loaded as tandemd loads it: the core and
+    /// its startup actions.
+    fn open_replica(&mut self, id: u32, md: &MetadataFile<SimMdDevice>) -> (Replica, Vec<Action>) {
         let mut cfg = self.replica_cfg.clone();
         cfg.node_id = NodeId(id);
-        let mut bitmap = Bitmap::new(cfg.size_bytes, 4096);
-        bitmap.load_words(&md.bitmap_words);
-        bitmap.take_changed_blocks();
-        let persisted = Persisted {
-            md: md.md.clone(),
-            bitmap,
-            al_extents: md.al.clone(),
-            al_extent_bytes: 16 * BLOCK,
-            al_capacity: AL_CAPACITY,
-            diskless: false,
-        };
+        let (persisted, _) = metadata_io::load(md).unwrap_or_else(|e| {
+            panic!(
+                "seed {}: node {id} cannot load its metadata: {e}",
+                self.report.seed
+            )
+        });
         let seed = self.rng.next_u64();
-        let (core, actions) = Replica::new(cfg, persisted, seed);
-        // Startup actions only persist the bitmap: apply them directly.
-        let mut md = md.clone();
-        for a in actions {
-            if let Action::PersistBitmap { blocks } = a {
-                apply_bitmap_blocks(&mut md.bitmap_words, &blocks);
-            }
-        }
-        if let Some(node) = self.nodes.get_mut(usize::try_from(id).expect("small")) {
-            node.md = md;
-        }
-        core
+        Replica::new(cfg, persisted, seed)
     }
 
     fn schedule(&mut self, at: u64, ev: SimEvent) {
@@ -578,26 +642,153 @@ impl Sim {
         self.step_node(node, Event::Admin(cmd));
     }
 
+    /// Is `node`'s process still working through earlier inputs (a switchover, which
+    /// looks at the outcome of its demote at once, waits for it to be idle)?
+    fn busy(&self, node: usize) -> bool {
+        let n = &self.nodes[node];
+        n.md_busy || !n.batches.is_empty() || !n.backlog.is_empty()
+    }
+
+    /// An input for `node`'s process: stepped now if the process is idle, else taken
+    /// when it finished what it is doing (in order).
     fn step_node(&mut self, node: usize, event: Event) {
         if !self.nodes[node].up {
             return;
         }
+        if self.busy(node) {
+            tracing::trace!(node, ?event, "queued: the process is busy");
+            self.nodes[node].backlog.push_back(event);
+            return;
+        }
+        self.step_now(node, event);
+        self.drive(node);
+    }
+
+    fn step_now(&mut self, node: usize, event: Event) {
         tracing::trace!(node, now_ms = self.now_ms, ?event, "step");
+        match event {
+            Event::Admin(Admin::SuspendIo) => self.suspend_taken[node] = true,
+            Event::Admin(Admin::ResumeIo | Admin::StepDown) => self.suspend_taken[node] = false,
+            _ => {}
+        }
         let actions = self.nodes[node].core.step(event);
         tracing::trace!(node, ?actions, "actions");
-        self.apply(node, actions);
+        if self.nodes[node].core.role() != Role::Primary {
+            // A hold is a primary's: a demoted or fenced node's ended with its role.
+            self.suspend_taken[node] = false;
+        }
         if let Err(e) = self.nodes[node].core.check_invariants() {
             panic!(
                 "seed {}: node {node} invariant violated: {e}",
                 self.report.seed
             );
         }
+        // The cluster's outdate record ends with the resync the core decided now, not
+        // when its notice goes out: an outdate recorded in between (the process still
+        // busy with this batch) stands (the real cluster checks its outdate sequence).
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Notify(Notice::SyncFinished { source: false, .. })
+            )
+        }) {
+            self.nodes[node].pending_outdate = false;
+        }
+        self.nodes[node].batches.push(Batch {
+            actions: actions.into(),
+            detached: false,
+        });
     }
 
-    fn apply(&mut self, node: usize, actions: Vec<Action>) {
-        for action in actions {
-            self.apply_one(node, action);
+    fn run_batch(&mut self, node: usize, actions: Vec<Action>) {
+        self.nodes[node].batches.push(Batch {
+            actions: actions.into(),
+            detached: false,
+        });
+        self.drive(node);
+    }
+
+    /// Runs `node`'s pending actions in order, as the shell does: a metadata action
+    /// holds the rest back until it is done; after a failed one, the batch's local I/O
+    /// is answered as failed unrun (the shell's rule, shared through `metadata_io`).
+    /// Then the inputs that waited.
+    fn drive(&mut self, node: usize) {
+        loop {
+            let n = &mut self.nodes[node];
+            if !n.up || n.md_busy {
+                return;
+            }
+            let Some(batch) = n.batches.last_mut() else {
+                let Some(event) = n.backlog.pop_front() else {
+                    return;
+                };
+                self.step_now(node, event);
+                continue;
+            };
+            let Some(action) = batch.actions.pop_front() else {
+                n.batches.pop();
+                continue;
+            };
+            if batch.detached {
+                match metadata_io::after_metadata_failure(&action) {
+                    AfterMetadataFailure::Run => {}
+                    AfterMetadataFailure::Skip => continue,
+                    AfterMetadataFailure::Fail(tag) => {
+                        self.step_now(
+                            node,
+                            Event::LocalDone {
+                                tag,
+                                result: Err(metadata_io::NOT_RUN_AFTER_METADATA_FAILURE.into()),
+                                digest: None,
+                            },
+                        );
+                        continue;
+                    }
+                }
+            }
+            if metadata_io::is_metadata(&action) {
+                self.start_metadata_action(node, &action);
+            } else {
+                self.apply_one(node, action);
+            }
         }
+    }
+
+    /// A `Persist*` action: written through the real encoders onto the node's simulated
+    /// metadata device; it takes a local I/O's time, and the process waits for it.
+    fn start_metadata_action(&mut self, node: usize, action: &Action) {
+        if let Action::PersistAl { extents } = action {
+            // A transaction beyond the superblock's limit would detach a healthy disk.
+            if let Err(e) = crate::store::metadata::encode_al_block(0, extents, AL_CAPACITY) {
+                panic!(
+                    "seed {}: node {node}'s activity-log transaction is refused by the \
+                     metadata store ({e}); its disk would be detached as failed",
+                    self.report.seed
+                );
+            }
+        }
+        let n = &mut self.nodes[node];
+        let result = if matches!(action, Action::PersistAl { .. }) && n.disk_failed {
+            // The data flush before the transaction fails first.
+            Err("flush before the activity-log transaction: Input/output error".to_string())
+        } else {
+            if matches!(action, Action::PersistAl { .. }) {
+                n.disk.flush();
+            }
+            n.md_dev.begin_action();
+            metadata_io::write(&mut n.md, action).map_err(|e| crate::replication::error_chain(&e))
+        };
+        n.md_busy = true;
+        let incarnation = n.incarnation;
+        let at = self.now_ms + self.io_latency();
+        self.schedule(
+            at,
+            SimEvent::MetadataDone {
+                node,
+                incarnation,
+                result,
+            },
+        );
     }
 
     /// Network latency.
@@ -774,30 +965,14 @@ impl Sim {
                     },
                 );
             }
-            Action::PersistSuperblock(md) => self.nodes[node].md.md = md,
-            Action::PersistAl { extents } => {
-                // Through the real on-disk encoder and its limit: a transaction the
-                // metadata store refuses would detach a healthy disk as failed.
-                if let Err(e) = crate::store::metadata::encode_al_block(0, &extents, AL_CAPACITY) {
-                    panic!(
-                        "seed {}: node {node}'s activity-log transaction is refused by the \
-                         metadata store ({e}); its disk would be detached as failed",
-                        self.report.seed
-                    );
-                }
-                let n = &mut self.nodes[node];
-                n.disk.flush();
-                n.md.al = extents;
-            }
-            Action::PersistBitmap { blocks } => {
-                apply_bitmap_blocks(&mut self.nodes[node].md.bitmap_words, &blocks);
+            Action::PersistSuperblock(_)
+            | Action::PersistAl { .. }
+            | Action::PersistBitmap { .. } => {
+                unreachable!("metadata actions run through start_metadata_action")
             }
             Action::Notify(notice) => {
                 if matches!(notice, Notice::SyncFinished { source: true, .. }) {
                     self.report.resyncs += 1;
-                }
-                if matches!(notice, Notice::SyncFinished { source: false, .. }) {
-                    self.nodes[node].pending_outdate = false;
                 }
                 if matches!(notice, Notice::SplitBrain { .. }) {
                     panic!(
@@ -878,8 +1053,11 @@ impl Sim {
             return;
         };
         self.nodes[node].app_data.remove(&req);
+        // (A completion the process decided before it took the `SuspendIo` may still go
+        // out: the cluster's decision is not instant.)
         if ok
             && self.held[node]
+            && self.suspend_taken[node]
             && self.nodes[node].core.role() == Role::Primary
             && !matches!(kind, AppKind::Read { .. })
         {
@@ -976,12 +1154,24 @@ impl Sim {
             })
     }
 
-    /// The operator replaces a failed disk: the node restarts on it (its metadata says
-    /// Inconsistent since the failure) and takes a sync from its peer.
+    /// The failed disk is back: half of the time a new disk (`create-md`: no data,
+    /// Inconsistent), else the same disk after a transient failure (a cable, a path),
+    /// with the data and the metadata it held when it died — stale, written before the
+    /// failure. Either way the node restarts on it and must take a sync from its peer.
     fn replace_disk(&mut self, node: usize) {
-        tracing::trace!(node, "disk replaced");
+        let new_disk = self.rng.chance(50);
+        tracing::trace!(node, new_disk, "disk replaced");
         self.report.disks_replaced += 1;
         self.nodes[node].disk_failed = false;
+        if new_disk {
+            let (md_dev, md) = self.create_metadata(u32::try_from(node).expect("small"));
+            let n = &mut self.nodes[node];
+            n.md_dev = md_dev;
+            n.md = md;
+            n.disk = SimDisk::new(self.cfg.blocks);
+        } else {
+            self.nodes[node].md_dev.set_failed(false);
+        }
         if self.nodes[node].up {
             self.node_down(node, true);
             self.tear_down(Some(node));
@@ -1002,6 +1192,7 @@ impl Sim {
     /// unanswered flushes with it.
     fn node_down(&mut self, node: usize, cleanly: bool) {
         self.held[node] = false;
+        self.suspend_taken[node] = false;
         let n = &mut self.nodes[node];
         n.up = false;
         n.stopped_cleanly = cleanly;
@@ -1011,6 +1202,9 @@ impl Sim {
         n.reads.clear();
         n.connecting = false;
         n.down_since_ms = self.now_ms;
+        n.batches.clear();
+        n.backlog.clear();
+        n.md_busy = false;
         self.pending_app.retain(|_, (owner, _)| *owner != node);
         self.oracle.node_crashed(node);
     }
@@ -1035,7 +1229,7 @@ impl Sim {
         if !self.in_sync()
             || self.held[old]
             || self.nodes[new].pending_outdate
-            || (0..2).any(|n| self.nodes[n].core.is_stopping())
+            || (0..2).any(|n| self.nodes[n].core.is_stopping() || self.busy(n))
         {
             return;
         }
@@ -1202,8 +1396,13 @@ impl Sim {
     fn crash(&mut self, node: usize) {
         let other = 1 - node;
         // The other node up, or down after a clean shutdown with its disk intact (this
-        // crash is then a single failure too).
-        let other_stopped = !self.nodes[other].up && self.nodes[other].stopped_cleanly;
+        // crash is then a single failure too) — not if it lost power itself since the pair
+        // was last in sync (seed 1194: that node kept an acknowledged write through its
+        // own crash by luck, and this one lost it: two failures).
+        let other_stopped = !self.nodes[other].up
+            && self.nodes[other].stopped_cleanly
+            && !self.crashed_since_sync[other]
+            && !self.nodes[other].disk_failed;
         if !self.nodes[node].up || !(self.nodes[other].up || other_stopped) {
             return;
         }
@@ -1223,8 +1422,9 @@ impl Sim {
         // is "unsafe" if the survivor is not a complete copy at that moment (the crashed
         // node may have held the only copy of some writes — a double failure); the
         // end-of-run durability checks are then skipped, convergence is still checked.
-        let survivor_complete =
-            invariants::acked_writes::check(&self.oracle, &self.nodes[other].disk).is_ok();
+        let survivor_complete = !self.crashed_since_sync[other]
+            && !self.nodes[other].disk_failed
+            && invariants::acked_writes::check(&self.oracle, &self.nodes[other].disk).is_ok();
         if !(survivor_complete || node_was_primary && survivor_in_sync) {
             self.unsafe_crash = true;
         }
@@ -1243,7 +1443,13 @@ impl Sim {
             );
         }
         tracing::trace!(node, "crash");
+        self.crashed_since_sync[node] = true;
         self.nodes[node].disk.crash(&mut self.rng);
+        if self.nodes[node].md_busy {
+            let lost = self.nodes[node].md_dev.power_loss(&mut self.rng);
+            tracing::trace!(node, lost, "metadata writes lost or torn by the power loss");
+            self.report.torn_metadata += u64::from(lost > 0);
+        }
         self.node_down(node, false);
         if self.transport {
             // The survivor notices by ping timeout: frames just stop.
@@ -1264,17 +1470,28 @@ impl Sim {
 
     fn restart(&mut self, node: usize) {
         tracing::trace!(node, "restart");
-        if self.nodes[node].up {
+        // A node whose disk died stays down until the disk is replaced (when the run
+        // heals): tandemd cannot load metadata from a dead disk.
+        if self.nodes[node].up || self.nodes[node].disk_failed {
             return;
         }
-        let md = self.nodes[node].md.clone();
-        let core = self.build_core(u32::try_from(node).expect("small"), &md);
+        let id = u32::try_from(node).expect("small");
+        let md = MetadataFile::open_on(self.nodes[node].md_dev.clone(), Path::new("sim-md"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "seed {}: node {node} cannot open its metadata: {e}",
+                    self.report.seed
+                )
+            });
+        let (core, startup) = self.open_replica(id, &md);
         let n = &mut self.nodes[node];
         n.core = core;
+        n.md = md;
         n.up = true;
         n.stopped_cleanly = false;
         n.incarnation += 1;
         self.paused_until[node] = 0;
+        self.run_batch(node, startup);
         if self.nodes[node].pending_outdate {
             self.admin(node, Admin::Outdate);
         }
@@ -1416,6 +1633,7 @@ impl Sim {
         let target = match &ev {
             SimEvent::LocalDone { node, .. } | SimEvent::FenceDone { node, .. } => *node,
             SimEvent::Deliver { to, .. } => *to,
+            SimEvent::MetadataDone { node, .. } => *node,
         };
         if self.now_ms < self.paused_until[target] {
             // A paused process handles it when it runs again, in the same order.
@@ -1448,6 +1666,7 @@ impl Sim {
                     self.failing_disk = None;
                     self.report.disk_failures += 1;
                     self.nodes[node].disk_failed = true;
+                    self.nodes[node].md_dev.set_failed(true);
                     self.oracle.disk_lost(node);
                 }
                 if self.nodes[node].disk_failed {
@@ -1542,6 +1761,27 @@ impl Sim {
                     },
                 );
             }
+            SimEvent::MetadataDone {
+                node,
+                incarnation,
+                result,
+            } => {
+                let n = &mut self.nodes[node];
+                if !n.up || n.incarnation != incarnation {
+                    return;
+                }
+                n.md_busy = false;
+                n.md_dev.end_action();
+                if let Err(reason) = result {
+                    tracing::trace!(node, reason, "metadata write failed");
+                    self.report.failed_metadata += 1;
+                    if let Some(batch) = n.batches.last_mut() {
+                        batch.detached = true;
+                    }
+                    self.step_now(node, Event::MetadataFailed { reason });
+                }
+                self.drive(node);
+            }
             SimEvent::FenceDone {
                 node,
                 incarnation,
@@ -1592,6 +1832,9 @@ impl Sim {
         }
         self.maybe_connect();
         self.retry_promotion();
+        if self.in_sync() {
+            self.crashed_since_sync = [false; 2];
+        }
         // Whenever the pair is quiet and in sync, the copies must already be identical.
         let quiet = self.queue.is_empty() && self.in_sync();
         if quiet
@@ -1745,18 +1988,6 @@ impl Sim {
             self.nodes[1].core.is_suspended(),
             self.pending_app
         ))
-    }
-}
-
-fn apply_bitmap_blocks(words: &mut [u64], blocks: &[(usize, Vec<u64>)]) {
-    use crate::store::bitmap::WORDS_PER_BLOCK;
-    for (b, w) in blocks {
-        let start = b * WORDS_PER_BLOCK;
-        for (i, v) in w.iter().enumerate() {
-            if let Some(slot) = words.get_mut(start + i) {
-                *slot = *v;
-            }
-        }
     }
 }
 
