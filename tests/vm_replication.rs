@@ -292,9 +292,12 @@ echo VM-DISCARD-DONE
 /// A disk that starts failing: the primary's backing device is a device-mapper target
 /// over a loop device, switched to `error` (every I/O fails with EIO) while the volume is
 /// in use through ublk. The primary detaches its disk (Diskless), the application's
-/// writes and reads go on through the peer without an error, and once the disk is back
-/// (the table restored, the replica restarted on it) a resync from the peer brings it up
-/// to date: both copies end identical.
+/// writes and reads go on through the peer without an error. Then the replica dies
+/// (SIGKILL) while its disk still fails, so its metadata is left as it was before the
+/// failure — Consistent, a generation its peer has moved on from — and the disk comes
+/// back (the table restored, a path that flapped): the peer's bitmap of what was written
+/// meanwhile, not a comparison of equals, must bring it up to date, and both copies end
+/// identical.
 #[test]
 fn vm_a_primary_whose_disk_fails_goes_diskless_and_the_application_never_sees_an_error() {
     let script = r#"
@@ -342,13 +345,16 @@ dd if=/dev/ublkb0 of=read1.bin bs=1M count=8 iflag=direct 2>/dev/null
 cmp read1.bin first.bin && echo READ-FIRST-OK
 dd if=/dev/ublkb0 of=read2.bin bs=1M skip=16 count=8 iflag=direct 2>/dev/null
 cmp read2.bin second.bin && echo READ-SECOND-OK
-# The disk is back (a repaired path, a replaced device): the replica restarts on it.
+# The replica dies while its disk still fails: nothing more reaches its metadata.
+kill -9 $(cat /data/a.pid)
+for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || break; sleep 0.1; done
+rm -f /data/a.sock
+# The disk is back as it was (a path that flapped), stale metadata and all.
 dmsetup suspend adisk
 dmsetup load adisk --table "0 $SECTORS linear $LOOP 0"
 dmsetup resume adisk
-kill $(cat /data/a.pid)
-for i in $(seq 100); do kill -0 $(cat /data/a.pid) 2>/dev/null || break; sleep 0.1; done
-rm -f /data/a.sock
+$C dump-md /dev/mapper/adisk --json > /out/md-a-stale.json
+grep -q '"consistent": true' /out/md-a-stale.json && echo METADATA-STALE-CONSISTENT
 start_a
 for i in $(seq 600); do [ "$(field a disk)" = up-to-date ] && [ "$(field a connection)" = connected ] && break; sleep 0.1; done
 echo "DISK-AFTER-RETURN $(field a disk)"
@@ -368,7 +374,7 @@ echo VM-EIO-DONE
         script,
         1536,
         Duration::from_secs(300),
-        &["ev-a.log", "ev-b.log", "dd-during.txt"],
+        &["ev-a.log", "ev-b.log", "dd-during.txt", "md-a-stale.json"],
     );
     run.assert_printed(&[
         "WRITE-BEFORE-OK",
@@ -376,6 +382,7 @@ echo VM-EIO-DONE
         "DISK-AFTER-FAILURE diskless",
         "READ-FIRST-OK",
         "READ-SECOND-OK",
+        "METADATA-STALE-CONSISTENT",
         "DISK-AFTER-RETURN up-to-date",
         "COPIES-IDENTICAL",
         "PEER-HOLDS-SECOND",

@@ -2725,6 +2725,13 @@ impl Replica {
     /// node acknowledges barriers at once — may confirm them (seed 2479: the failed
     /// barrier flush's ack dropped the only record of a write the disk never kept).
     fn peer_disk_failed(&mut self, out: &mut Vec<Action>) {
+        // A write still in flight here whose peer copy is done completes later; its
+        // completion must not clear the bits marked below as "in sync on both disks" —
+        // the peer's copy went with its disk (seed 10161: a write that landed late here
+        // cleared the mark of what the failed disk lost, and the disk came back stale).
+        for w in self.writes.values_mut() {
+            w.same_link = false;
+        }
         if self.unconfirmed.is_empty() {
             return;
         }
@@ -3119,6 +3126,18 @@ impl Replica {
         if let (Some(seq), Protocol::B) = (seq, self.cfg.protocol) {
             self.send(Msg::RecvAck { seq }, None, out);
         }
+        let from_diskless = self.peer_disk == DiskState::Diskless;
+        if from_diskless && seq.is_some() {
+            // Only this copy will hold it: its bit is on disk before the write starts,
+            // so no power loss here can keep the data yet forget the difference (seed
+            // 35151: bits kept in memory until the next writeback were lost, and the
+            // primary's disk came back to a resync that skipped the blocks).
+            self.bitmap.set_range(offset, len);
+            let blocks = Self::bitmap_blocks(&mut self.bitmap);
+            if !blocks.is_empty() {
+                out.push(Action::PersistBitmap { blocks });
+            }
+        }
         let n = self.next_recv;
         self.next_recv += 1;
         self.recv.insert(
@@ -3131,7 +3150,7 @@ impl Replica {
                 started: false,
                 conn: self.conn_gen,
                 al_pinned: false,
-                from_diskless: self.peer_disk == DiskState::Diskless,
+                from_diskless,
             },
         );
         self.pump_recv(out);

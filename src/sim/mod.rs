@@ -1961,12 +1961,12 @@ impl Sim {
             }) && self.pending_app.is_empty()
                 && self.transport
                 && !self.lossy_link
-                // No disk I/O still running (protocol A acknowledges before the peer's
-                // write, and a stalled one takes up to half a second).
-                && !self
-                    .events
-                    .values()
-                    .any(|e| matches!(e, SimEvent::LocalDone { .. }));
+                // Nothing still on its way or waiting in a process: no disk or metadata
+                // I/O running (a stalled one takes up to half a second), no frame in
+                // flight, no input queued behind a busy or paused process (protocol A
+                // acknowledges before the peer has the write, seed 18207).
+                && self.events.is_empty()
+                && (0..2).all(|n| !self.busy(n));
             if settled {
                 // Let trailing acks and barriers land.
                 self.advance(200);

@@ -388,6 +388,22 @@ fn regression_seeds_stay_fixed() {
             SimConfig::default(),
             "a crash flag cleared before a flush; the cache then lost a landed write",
         ),
+        // Found by the long run (TANDEM_LONG=1) of this model.
+        (
+            10_161,
+            SimConfig::default(),
+            "a write landing late cleared the mark of what the peer's failed disk lost",
+        ),
+        (
+            35_151,
+            fencing_trouble(),
+            "a secondary lost power with a diskless primary's marks still in memory",
+        ),
+        (
+            18_207,
+            ab[0].clone(),
+            "(the model) heal called the pair settled with writes queued in a busy process",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(seed, cfg).unwrap_or_else(|e| panic!("{what}: {e}"));

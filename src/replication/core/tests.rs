@@ -854,3 +854,75 @@ fn the_crash_flag_is_cleared_only_after_a_flush() {
         "the crash flag is cleared without a flush first: {out:?}"
     );
 }
+
+/// Hole (found by the simulator, seed 10161 of the long run): the peer acknowledged a
+/// write and its disk died before flushing it; the Diskless state marked the write out
+/// of sync, but the write was still landing here, and when it completed — "on both
+/// disks" — it cleared those bits. The failed disk then came back stale and its bitmap
+/// resync skipped the block. A write whose peer copy went with the peer's disk leaves
+/// the bits alone when it completes.
+#[test]
+fn a_write_landing_late_does_not_clear_the_mark_of_what_the_peers_failed_disk_lost() {
+    let (mut a, _b) = connected();
+    let req = ReqId(1);
+    let seq = write_sent(&mut a, req, 9 * 4096);
+    a.step(peer_msg(Msg::WriteAck { seq }));
+    a.step(peer_msg(Msg::StateUpdate {
+        role: Role::Secondary,
+        disk: DiskState::Diskless,
+        epoch: a.md.epoch,
+    }));
+    assert!(a.bitmap().is_set(9), "the Diskless state marks the write");
+    let acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    assert!(acts.contains(&Action::Complete {
+        req,
+        result: Ok(None)
+    }));
+    assert!(
+        a.bitmap().is_set(9),
+        "the late completion cleared the mark of a write the peer's failed disk lost"
+    );
+}
+
+/// Hole (found by the simulator's long run, seed 35151): a secondary marked a diskless
+/// primary's writes in its bitmap in memory only, until the next writeback; it lost
+/// power, kept some of the data and forgot the marks, and the primary's disk came back
+/// to a resync that skipped those blocks. The mark is on disk before the write starts.
+#[test]
+fn a_diskless_primarys_write_is_marked_on_disk_before_it_is_written() {
+    let (mut a, mut b) = connected();
+    b.step(peer_msg(Msg::StateUpdate {
+        role: Role::Primary,
+        disk: DiskState::Diskless,
+        epoch: b.md.epoch,
+    }));
+    let seq = write_sent(&mut a, ReqId(1), 11 * 4096);
+    let acts = b.step(Event::PeerMsg {
+        msg: Msg::Data {
+            seq,
+            offset: 11 * 4096,
+            len: 4096,
+            fua: false,
+            barrier: a.barrier,
+        },
+        payload: Some(10),
+        payload_len: 4096,
+        inline: vec![],
+    });
+    let write = acts
+        .iter()
+        .position(|x| matches!(x, Action::LocalWrite { .. }))
+        .expect("the secondary writes it");
+    let marked = acts[..write].iter().any(|x| {
+        matches!(x, Action::PersistBitmap { blocks }
+            if blocks.iter().any(|(_, words)| words.first().is_some_and(|w| w & (1 << 11) != 0)))
+    });
+    assert!(
+        marked,
+        "the write starts before its mark is on disk: {acts:?}"
+    );
+}
