@@ -26,5 +26,6 @@ pub mod wire;
 pub use shell::{digest, error_chain};
 pub use transport::{PeerConnector, PeerStream, TcpConnector};
 pub use volume::{
-    Fencer, LocalFencer, MetadataLocation, Volume, VolumeConfig, VolumeEvent, VolumeStatus,
+    Fencer, LocalFencer, MetadataLocation, StoreLayer, Volume, VolumeConfig, VolumeEvent,
+    VolumeStatus,
 };

@@ -134,6 +134,10 @@ pub(super) async fn start(
         )?),
         crate::store::Engine::Sync => Arc::new(crate::store::SyncStore::open(&store_config)?),
     };
+    let store = match &config.store_layer {
+        Some(layer) => layer.wrap(store),
+        None => store,
+    };
     if store.size_bytes() < sb.data_size_bytes {
         return Err(TandemError::BadMetadata {
             path: config.backing.clone(),

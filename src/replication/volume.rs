@@ -17,7 +17,7 @@ use super::core::{Admin, IoFailure, Notice, ResyncConfig, Status};
 use super::transport::{BoxFuture, PeerConnector};
 use super::types::{Epoch, FencingPolicy, NodeId, Protocol, SplitBrainPolicy};
 use crate::error::{Result, TandemError};
-use crate::store::{AlignedBuf, DataBuf, Engine};
+use crate::store::{AlignedBuf, BlockStore, DataBuf, Engine};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,6 +82,34 @@ pub struct VolumeConfig {
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub resync: ResyncConfig,
+    /// Put over the backing store once it is open (none in tandemd's own use).
+    pub store_layer: Option<StoreLayer>,
+}
+
+/// A layer a volume puts over its backing store once it is open, for an embedder's
+/// instrumentation or a test's fault injection (a disk that starts failing): every data
+/// I/O of the volume goes through the store it returns.
+#[derive(Clone)]
+pub struct StoreLayer(Arc<WrapStore>);
+
+type WrapStore = dyn Fn(Arc<dyn BlockStore>) -> Arc<dyn BlockStore> + Send + Sync;
+
+impl StoreLayer {
+    pub fn new(
+        wrap: impl Fn(Arc<dyn BlockStore>) -> Arc<dyn BlockStore> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(wrap))
+    }
+
+    pub(super) fn wrap(&self, store: Arc<dyn BlockStore>) -> Arc<dyn BlockStore> {
+        (self.0)(store)
+    }
+}
+
+impl std::fmt::Debug for StoreLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreLayer")
+    }
 }
 
 impl VolumeConfig {
@@ -99,6 +127,7 @@ impl VolumeConfig {
             ping_interval_ms: 1000,
             ping_timeout_ms: 5000,
             resync: ResyncConfig::default(),
+            store_layer: None,
         }
     }
 }
