@@ -340,7 +340,8 @@ fn regression_seeds_stay_fixed() {
         ),
     ];
     for (seed, cfg, what) in cases {
-        // Each replays the schedule it was found with (before disks failed in the mix).
+        // Each runs in the mix it was found with (before disks failed in it; the
+        // schedules changed once metadata I/O took time).
         let cfg = SimConfig {
             disk_failures: false,
             ..cfg.clone()
@@ -398,6 +399,14 @@ fn regression_seeds_stay_fixed() {
             35_151,
             fencing_trouble(),
             "a secondary lost power with a diskless primary's marks still in memory",
+        ),
+        (
+            17_228,
+            SimConfig {
+                checksum_resync: true,
+                ..SimConfig::default()
+            },
+            "(the model) a deposed primary's flush promised what its replacement acknowledged",
         ),
         (
             18_207,
