@@ -393,4 +393,12 @@ echo VM-EIO-DONE
         "the primary never reported its disk failure\n{}",
         run.logs
     );
+    // The stale disk came back to a bitmap resync, not a full one: the peer's record of
+    // what was written meanwhile (and the crashed primary's activity log) did the work.
+    assert!(
+        run.read("ev-a.log")
+            .contains("SyncStarted { source: false, full: false"),
+        "the returning disk did not take a bitmap resync\n{}",
+        run.logs
+    );
 }
