@@ -359,3 +359,48 @@ fn online_verify_finds_a_corrupted_block_and_a_reconnect_repairs_it() {
         sha256_prefix(&b.backing, data)
     );
 }
+
+/// Hole 10's recovery command: a replica's metadata follows one cluster log; after the
+/// cluster's state directory was created afresh, `tandemctl forget-cluster-log` on the
+/// stopped replica drops the old log and its epoch (keeping the data's generations), so
+/// the replica joins the new log at its next start.
+#[test]
+fn forget_cluster_log_drops_the_old_log_and_its_epoch_only() {
+    use tandem::replication::types::{ClusterLogId, Epoch};
+    use tandem::store::metadata::MetadataFile;
+    let dir = scratch("repl-forget-log");
+    let img = create_backing_with(&dir, "a.img", SIZE, "vol", 1, &["--zeroed"]);
+    let mut md = MetadataFile::open(&img).unwrap();
+    let mut sb = md.superblock().clone();
+    sb.cluster_log = ClusterLogId(0xabcdef);
+    sb.epoch = Epoch(41);
+    md.write_superblock(&sb).unwrap();
+    drop(md);
+    let out = std::process::Command::new(bin("tandemctl"))
+        .args(["forget-cluster-log", "--json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["forgot_cluster_log"], "0000000000abcdef", "{said}");
+    assert_eq!(said["forgot_epoch"], 41, "{said}");
+    let after = MetadataFile::open(&img).unwrap().superblock().clone();
+    assert_eq!(after.cluster_log, ClusterLogId::NONE);
+    assert_eq!(after.epoch, Epoch(0));
+    assert_eq!(
+        after.generations, sb.generations,
+        "the data's history stays"
+    );
+    assert_eq!(after.flags, sb.flags);
+    // Bad input: a path with no metadata is refused with the reason.
+    let out = std::process::Command::new(bin("tandemctl"))
+        .args(["forget-cluster-log", "/nonexistent/backing"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/backing"),
+        "{out:?}"
+    );
+}

@@ -23,6 +23,7 @@ use super::status::{ClusterStatus, Event, EventKind, NodeStatus, ReplicaStatus, 
 use super::transport::{Channel, Credentials, server_handshake};
 use super::types::{Epoch, Incarnation, Millis, NodeId};
 use super::volume::{BoxFuture, OutdatePeer, VolumeAction, VolumeDriver};
+use crate::replication::types::ClusterLogId;
 use openraft::BasicNode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -649,6 +650,8 @@ impl Node {
             let command = Command::Configure {
                 members: config.nodes.iter().map(|n| n.id).collect(),
                 volumes,
+                // Used only if the log has no identity yet (its first entry).
+                log_id: ClusterLogId(rand::random::<u64>() | 1),
             };
             if let Err(e) = self.propose(command).await {
                 tracing::debug!(error = %e, "configuring the cluster log failed; will retry");
@@ -772,6 +775,7 @@ impl Node {
                     .apply(VolumeAction::Promote {
                         epoch: *epoch,
                         force: *force,
+                        log: self.state().log_id,
                     })
                     .await
             }
@@ -780,7 +784,10 @@ impl Node {
             }
             LocalAction::SetEpoch { volume, epoch } => {
                 driver(volume)?
-                    .apply(VolumeAction::SetEpoch { epoch: *epoch })
+                    .apply(VolumeAction::SetEpoch {
+                        epoch: *epoch,
+                        log: self.state().log_id,
+                    })
                     .await
             }
             LocalAction::Suspend { volume } => driver(volume)?.apply(VolumeAction::Suspend).await,

@@ -524,6 +524,7 @@ mod tests {
         s.apply(&Command::Configure {
             members: vec![A, B, W],
             volumes: BTreeMap::from([("vol0".to_owned(), vec![A, B])]),
+            log_id: crate::replication::types::ClusterLogId(7),
         });
         for n in [A, B, W] {
             s.apply(&Command::Join {

@@ -303,7 +303,11 @@ impl VolumeDriver for ClusterVolume {
     fn apply(&self, action: VolumeAction) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let result = match action {
-                VolumeAction::Promote { epoch, force } => {
+                VolumeAction::Promote { epoch, force, log } => {
+                    self.volume
+                        .join_cluster_log(log)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     self.volume
                         .set_epoch(ReplEpoch(epoch.0))
                         .await
@@ -327,7 +331,11 @@ impl VolumeDriver for ClusterVolume {
                         }
                     }
                 }
-                VolumeAction::SetEpoch { epoch } => {
+                VolumeAction::SetEpoch { epoch, log } => {
+                    self.volume
+                        .join_cluster_log(log)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     // A new epoch ends a quorum-loss suspension story: someone else is
                     // primary now (or this node is promoted afresh).
                     self.suspended.store(false, Ordering::Release);

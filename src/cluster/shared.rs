@@ -66,7 +66,7 @@ impl VolumeDriver for SharedDisk {
                     r.suspended = false;
                 }
                 VolumeAction::Demote => r.role = ReplicaRole::Secondary,
-                VolumeAction::SetEpoch { epoch } => r.epoch = epoch,
+                VolumeAction::SetEpoch { epoch, .. } => r.epoch = epoch,
                 VolumeAction::Suspend => {
                     r.suspended = true;
                     r.role = ReplicaRole::Secondary;

@@ -204,6 +204,7 @@ impl World {
                 (REPLICATED.to_owned(), DATA.to_vec()),
                 (SHARED.to_owned(), DATA.to_vec()),
             ]),
+            log_id: crate::replication::types::ClusterLogId(1),
         });
         for node in nodes.values_mut() {
             node.known = log.clone();

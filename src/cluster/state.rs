@@ -7,6 +7,7 @@
 //! makes "never two primaries" hold even when a proposer's view was out of date.
 
 use super::types::{Epoch, Incarnation, Millis, NodeId};
+use crate::replication::types::ClusterLogId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -86,6 +87,9 @@ pub struct FenceLogEntry {
 /// Everything the cluster agrees on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ClusterState {
+    /// This log's identity (replicas record it: a log created afresh is another log).
+    #[serde(default)]
+    pub log_id: ClusterLogId,
     /// Membership epoch: bumped on every change of who is up.
     pub epoch: Epoch,
     pub members: BTreeMap<NodeId, MemberRecord>,
@@ -104,6 +108,10 @@ pub enum Command {
     Configure {
         members: Vec<NodeId>,
         volumes: BTreeMap<String, Vec<NodeId>>,
+        /// The log's identity, taken from its first configuration (entries written
+        /// before logs had one carry none: the next one sets it).
+        #[serde(default)]
+        log_id: ClusterLogId,
     },
     /// A node starts a new life.
     Join {
@@ -198,7 +206,11 @@ impl ClusterState {
     /// same state on every node.
     pub fn apply(&mut self, command: &Command) -> Outcome {
         let outcome = match command {
-            Command::Configure { members, volumes } => self.configure(members, volumes),
+            Command::Configure {
+                members,
+                volumes,
+                log_id,
+            } => self.configure(members, volumes, *log_id),
             Command::Join { node, incarnation } => self.join(*node, *incarnation),
             Command::Leave { node, incarnation } => self.mark_down(*node, *incarnation, true),
             Command::MarkDown { node, incarnation } => self.mark_down(*node, *incarnation, false),
@@ -257,6 +269,7 @@ impl ClusterState {
         &mut self,
         members: &[NodeId],
         volumes: &BTreeMap<String, Vec<NodeId>>,
+        log_id: ClusterLogId,
     ) -> Outcome {
         for node in members {
             self.members.entry(*node).or_default();
@@ -271,6 +284,9 @@ impl ClusterState {
             if record.replicas.is_empty() {
                 record.replicas = replicas.clone();
             }
+        }
+        if self.log_id == ClusterLogId::NONE {
+            self.log_id = log_id;
         }
         Outcome::Applied
     }
@@ -581,7 +597,8 @@ mod tests {
         assert!(
             s.apply(&Command::Configure {
                 members: vec![A, B, W],
-                volumes
+                volumes,
+                log_id: ClusterLogId(7),
             })
             .is_applied()
         );
@@ -675,6 +692,25 @@ mod tests {
         assert!(vol.outdated.contains(&A), "the fenced node must resync");
         assert_eq!(s.failovers, 1);
         assert_eq!(s.fencing.len(), 1);
+    }
+
+    /// The log's identity comes from its first configuration and never changes: every
+    /// node proposes one, only the first applied counts.
+    #[test]
+    fn the_log_keeps_the_identity_of_its_first_configuration() {
+        let s = cluster();
+        assert_eq!(s.log_id, ClusterLogId(7));
+        let mut again = s.clone();
+        assert!(
+            again
+                .apply(&Command::Configure {
+                    members: vec![A, B, W],
+                    volumes: BTreeMap::new(),
+                    log_id: ClusterLogId(99),
+                })
+                .is_applied()
+        );
+        assert_eq!(again.log_id, ClusterLogId(7));
     }
 
     #[test]

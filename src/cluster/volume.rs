@@ -7,6 +7,7 @@
 
 use super::orchestrator::{DiskState, ReplicaReport, ReplicaRole};
 use super::types::{Epoch, NodeId};
+use crate::replication::types::ClusterLogId;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum VolumeAction {
     /// Become primary at `epoch` (writes allowed once this returns); `force` makes a
     /// fresh (Inconsistent) replica the initial sync source.
-    Promote { epoch: Epoch, force: bool },
+    Promote {
+        epoch: Epoch,
+        force: bool,
+        /// The cluster log the epoch belongs to (a replica's metadata follows one log).
+        log: ClusterLogId,
+    },
     /// Flush and become secondary.
     Demote,
     /// The volume epoch changed; refuse peers from older epochs.
-    SetEpoch { epoch: Epoch },
+    SetEpoch { epoch: Epoch, log: ClusterLogId },
     /// Stop acknowledging writes (no quorum): hold them until Resume or a demotion.
     Suspend,
     /// Acknowledge writes again.
@@ -103,7 +109,7 @@ impl VolumeDriver for MemoryDriver {
         Box::pin(async move {
             let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
             match action {
-                VolumeAction::Promote { epoch, force } => {
+                VolumeAction::Promote { epoch, force, .. } => {
                     if !force && !matches!(r.disk, DiskState::UpToDate | DiskState::Consistent) {
                         return Err(format!("cannot promote a {:?} replica", r.disk));
                     }
@@ -111,7 +117,7 @@ impl VolumeDriver for MemoryDriver {
                     r.epoch = epoch;
                 }
                 VolumeAction::Demote => r.role = ReplicaRole::Secondary,
-                VolumeAction::SetEpoch { epoch } => r.epoch = epoch,
+                VolumeAction::SetEpoch { epoch, .. } => r.epoch = epoch,
                 VolumeAction::Suspend => r.suspended = true,
                 VolumeAction::Resume => r.suspended = false,
                 VolumeAction::StepDown => {

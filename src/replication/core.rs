@@ -27,8 +27,8 @@
 
 use super::decide::{Decision, SideInfo, decide};
 use super::types::{
-    ConnState, DiskState, Epoch, FencingPolicy, GenerationIds, NodeId, Protocol, Role,
-    SplitBrainPolicy, VolumeId,
+    ClusterLogId, ConnState, DiskState, Epoch, FencingPolicy, GenerationIds, NodeId, Protocol,
+    Role, SplitBrainPolicy, VolumeId,
 };
 use super::wire::{Hello, Msg};
 use crate::store::activity_log::ActivityLog;
@@ -137,6 +137,9 @@ pub enum Admin {
     DiscardMyData,
     /// The cluster's fencing epoch moved on.
     SetEpoch(Epoch),
+    /// The cluster whose log this replica follows: its epochs are that log's. Adopted
+    /// if the superblock names none; refused if it names another.
+    JoinClusterLog(ClusterLogId),
     /// The cluster recorded this (secondary) disk as outdated.
     Outdate,
     /// The cluster says this primary must stop at once (deposed, or fenced): fail the
@@ -288,6 +291,8 @@ pub struct MdState {
     pub flags: MdFlags,
     pub epoch: Epoch,
     pub primary_since_ms: u64,
+    /// The cluster log `epoch` belongs to.
+    pub cluster_log: ClusterLogId,
 }
 
 /// Outputs of the core, run by the shell in order.
@@ -3369,6 +3374,30 @@ impl Replica {
                     self.set_conn(ConnState::Connecting, out);
                     out.push(Action::Connect);
                 }
+            }
+            Admin::JoinClusterLog(log) => {
+                let mine = self.md.cluster_log;
+                if mine == log {
+                    return;
+                }
+                if mine != ClusterLogId::NONE {
+                    out.push(Action::Notify(Notice::Refused {
+                        reason: format!(
+                            "the replica's metadata follows cluster log {mine}, not this \
+                             cluster's log {log}: the cluster's state directory was created \
+                             afresh (its epochs started again), or the disk comes from \
+                             another cluster. If it belongs here, stop the replica and run \
+                             `tandemctl forget-cluster-log BACKING` on its backing device \
+                             (or external metadata); it joins this cluster's log at its next start"
+                        ),
+                    }));
+                    return;
+                }
+                // Epochs count in the log joined now: whatever this disk counted before
+                // (standalone, or a log from before logs had an identity) says nothing.
+                self.md.cluster_log = log;
+                self.md.epoch = Epoch(0);
+                self.persist_sb(out);
             }
             Admin::SetEpoch(epoch) => {
                 if epoch <= self.md.epoch {

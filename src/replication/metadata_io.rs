@@ -18,6 +18,7 @@ pub fn load<D: MetadataDevice>(md: &MetadataFile<D>) -> Result<(Persisted, Bitma
             flags: sb.flags,
             epoch: sb.epoch,
             primary_since_ms: sb.primary_since_ms,
+            cluster_log: sb.cluster_log,
         },
         bitmap,
         al_extents,
@@ -39,6 +40,7 @@ pub fn write<D: MetadataDevice>(md: &mut MetadataFile<D>, action: &Action) -> Re
             sb.flags = state.flags;
             sb.epoch = state.epoch;
             sb.primary_since_ms = state.primary_since_ms;
+            sb.cluster_log = state.cluster_log;
             md.write_superblock(&sb)
         }
         Action::PersistAl { extents } => md.write_al(extents),

@@ -83,6 +83,24 @@ impl std::fmt::Display for NodeId {
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
+/// The identity of a cluster's log, chosen at random when the log is created. A
+/// replica's superblock records the log whose epochs it follows: a log created afresh
+/// (a lost state directory) restarts its epochs, and a replica that compared them with
+/// its own would refuse it for good; the identity tells the two apart. 0: none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClusterLogId(pub u64);
+
+impl ClusterLogId {
+    pub const NONE: Self = Self(0);
+}
+
+impl std::fmt::Display for ClusterLogId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// Generation identifiers (DRBD's UUIDs): which data history a disk holds.
 ///
 /// - `current`: the data generation of this disk; 0 = never written (just created).

@@ -332,6 +332,11 @@ impl Volume {
     pub async fn set_epoch(&self, epoch: Epoch) -> Result<()> {
         self.admin(Admin::SetEpoch(epoch)).await
     }
+    /// The cluster whose log this replica follows (refused, with the recovery command,
+    /// if the metadata follows another).
+    pub async fn join_cluster_log(&self, log: super::types::ClusterLogId) -> Result<()> {
+        self.admin(Admin::JoinClusterLog(log)).await
+    }
     /// The cluster recorded this (disconnected secondary) disk as outdated.
     pub async fn outdate(&self) -> Result<()> {
         self.admin(Admin::Outdate).await

@@ -609,6 +609,7 @@ impl Sim {
             },
             epoch: Epoch(1),
             primary_since_ms: 0,
+            cluster_log: Default::default(),
         };
         metadata_io::write(&mut md, &Action::PersistSuperblock(start))
             .unwrap_or_else(|e| panic!("writing the simulated superblock: {e}"));

@@ -20,7 +20,7 @@
 use super::activity_log::MAX_EXTENTS;
 use super::bitmap::{Bitmap, WORDS_PER_BLOCK};
 use crate::error::{Result, TandemError};
-use crate::replication::types::{Epoch, GenerationIds, NodeId, VolumeId};
+use crate::replication::types::{ClusterLogId, Epoch, GenerationIds, NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -111,6 +111,8 @@ pub struct Superblock {
     pub epoch: Epoch,
     /// When this node last became primary (ms since the Unix epoch); 0 = never.
     pub primary_since_ms: u64,
+    /// The cluster log whose epochs `epoch` counts (none: standalone, or not joined yet).
+    pub cluster_log: ClusterLogId,
     /// Update sequence number (the newer superblock copy wins).
     pub seq: u64,
 }
@@ -136,6 +138,7 @@ impl Superblock {
         put64(&mut b, 112, self.al_extent_bytes);
         put32(&mut b, 120, self.al_extents);
         put32(&mut b, 124, self.al_slots);
+        put64(&mut b, 128, self.cluster_log.0);
         let crc = crc32fast::hash(&b[..MD_BLOCK_USIZE - 4]);
         put32(&mut b, MD_BLOCK_USIZE - 4, crc);
         b
@@ -176,6 +179,7 @@ impl Superblock {
             },
             epoch: Epoch(get64(b, 88)),
             primary_since_ms: get64(b, 96),
+            cluster_log: ClusterLogId(get64(b, 128)),
             seq: get64(b, 104),
             al_extent_bytes: get64(b, 112),
             al_extents: get32(b, 120),
@@ -539,6 +543,7 @@ impl<D: MetadataDevice> MetadataFile<D> {
             },
             epoch: Epoch(0),
             primary_since_ms: 0,
+            cluster_log: ClusterLogId::NONE,
             seq: 0,
         };
         sb.check().map_err(bad)?;
@@ -844,6 +849,15 @@ impl std::fmt::Display for MetadataDump {
         writeln!(f, "epoch           {}", sb.epoch.0)?;
         writeln!(
             f,
+            "cluster log     {}",
+            if sb.cluster_log == ClusterLogId::NONE {
+                "none".to_string()
+            } else {
+                sb.cluster_log.to_string()
+            }
+        )?;
+        writeln!(
+            f,
             "flags           consistent={} outdated={} was-primary={} primary-crashed={} \
              open={} cache-lost={}",
             sb.flags.consistent,
@@ -1055,8 +1069,8 @@ mod tests {
     proptest! {
         #[test]
         fn superblock_codec_round_trips_and_detects_any_flip(
-            current: u64, bitmap: u64, h0: u64, epoch: u64, seq: u64, node: u32, flags in 0u32..16,
-            flip in 0usize..4092,
+            current: u64, bitmap: u64, h0: u64, epoch: u64, seq: u64, node: u32, flags in 0u32..64,
+            flip in 0usize..4092, log: u64,
         ) {
             let data = 1u64 << 30;
             let sb = Superblock {
@@ -1073,6 +1087,7 @@ mod tests {
                 generations: GenerationIds { current, bitmap, history: [h0, 1] },
                 epoch: Epoch(epoch),
                 primary_since_ms: 5,
+                cluster_log: ClusterLogId(log),
                 seq,
             };
             let mut block = sb.encode();

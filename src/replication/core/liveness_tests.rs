@@ -24,6 +24,7 @@ fn persisted(current: u64, size: u64, al_capacity: u32) -> Persisted {
             },
             epoch: Epoch(1),
             primary_since_ms: 0,
+            cluster_log: Default::default(),
         },
         bitmap: Bitmap::new(size, 4096),
         al_extents: vec![],

@@ -16,6 +16,7 @@ fn persisted(current: u64) -> Persisted {
             },
             epoch: Epoch(1),
             primary_since_ms: 0,
+            cluster_log: Default::default(),
         },
         bitmap: Bitmap::new(1 << 20, 4096),
         al_extents: vec![],
@@ -925,4 +926,42 @@ fn a_diskless_primarys_write_is_marked_on_disk_before_it_is_written() {
         marked,
         "the write starts before its mark is on disk: {acts:?}"
     );
+}
+
+/// Hole 10: a cluster log created afresh (a lost state directory) restarts its epochs,
+/// and replicas that compared them with their own higher ones refused it for good. The
+/// superblock names the log whose epochs it counts: a replica adopts the first log it
+/// is told (its epochs start over in it), follows the same one, and refuses another with
+/// the recovery command.
+#[test]
+fn a_replica_follows_one_cluster_log_and_refuses_another_with_the_recovery_command() {
+    let mut r = replica(1);
+    r.step(Event::Admin(Admin::SetEpoch(Epoch(40))));
+    let ours = ClusterLogId(0xfeed);
+    let acts = r.step(Event::Admin(Admin::JoinClusterLog(ours)));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::PersistSuperblock(md)
+            if md.cluster_log == ours && md.epoch == Epoch(0))),
+        "the log is adopted, its epochs start over: {acts:?}"
+    );
+    // The new log's epochs take effect even though they are lower than the old count.
+    r.step(Event::Admin(Admin::SetEpoch(Epoch(2))));
+    assert_eq!(r.md.epoch, Epoch(2));
+    assert!(r.step(Event::Admin(Admin::JoinClusterLog(ours))).is_empty());
+    let acts = r.step(Event::Admin(Admin::JoinClusterLog(ClusterLogId(0xbad))));
+    let refusal = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Notify(Notice::Refused { reason }) => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("a foreign log is refused");
+    assert!(
+        refusal.contains("000000000000feed")
+            && refusal.contains("0000000000000bad")
+            && refusal.contains("tandemctl forget-cluster-log"),
+        "{refusal}"
+    );
+    assert_eq!(r.md.cluster_log, ours, "the refusal changed nothing");
 }

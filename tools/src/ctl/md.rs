@@ -5,6 +5,9 @@
 //! the same `--volume` and different `--node-id`s (`--zeroed`: known-zero devices start
 //! consistent at a shared generation, with no initial full sync). `dump-md` shows what is on disk, as
 //! text or `--json`; a damaged superblock is reported with the reason.
+//! `forget-cluster-log` makes a stopped replica forget the cluster log it followed (a
+//! cluster whose state directory was created afresh has a new log, with new epochs); it
+//! joins the cluster's log at its next start.
 
 /// Writes a line to standard output (the tools' output; libraries never print).
 macro_rules! say {
@@ -17,7 +20,7 @@ macro_rules! say {
 use anyhow::{Context, bail};
 use clap::Args;
 use std::path::PathBuf;
-use tandem::replication::types::{NodeId, VolumeId};
+use tandem::replication::types::{ClusterLogId, Epoch, NodeId, VolumeId};
 use tandem::store::metadata::{CreateParams, MetadataFile};
 
 /// `tandemctl create-md`.
@@ -104,6 +107,46 @@ pub fn create(args: CreateMdArgs) -> anyhow::Result<i32> {
         say!("{}", serde_json::to_string_pretty(&dump)?);
     } else {
         say!("{dump}");
+    }
+    Ok(0)
+}
+
+/// `tandemctl forget-cluster-log`.
+#[derive(Debug, Args)]
+pub struct ForgetClusterLogArgs {
+    /// Backing device (internal metadata) or external metadata file of a stopped replica.
+    pub path: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `forget-cluster-log`: the superblock's cluster log and epoch go back to none
+/// and 0; generations, flags and the bitmap stay (the data's history is the data's).
+pub fn forget_cluster_log(args: ForgetClusterLogArgs) -> anyhow::Result<i32> {
+    let mut md = MetadataFile::open(&args.path)
+        .with_context(|| format!("reading metadata from {}", args.path.display()))?;
+    let mut sb = md.superblock().clone();
+    let before = (sb.cluster_log, sb.epoch);
+    sb.cluster_log = ClusterLogId::NONE;
+    sb.epoch = Epoch(0);
+    md.write_superblock(&sb)
+        .with_context(|| format!("writing the superblock of {}", args.path.display()))?;
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "path": args.path,
+                "forgot_cluster_log": before.0.to_string(),
+                "forgot_epoch": before.1.0,
+            })
+        );
+    } else {
+        say!(
+            "{}: forgot cluster log {} (epoch {}); the replica joins its cluster's log at its next start",
+            args.path.display(),
+            before.0,
+            before.1.0
+        );
     }
     Ok(0)
 }

@@ -75,6 +75,9 @@ pub enum Command {
     CreateMd(md::CreateMdArgs),
     /// Show a replica's on-disk metadata (text or --json).
     DumpMd(md::DumpMdArgs),
+    /// Make a stopped replica forget the cluster log it followed (after the cluster's
+    /// state directory was created afresh); it joins the cluster's log at its next start.
+    ForgetClusterLog(md::ForgetClusterLogArgs),
     /// Drive a standalone replica (`tandemd replica`) through its control socket.
     #[command(subcommand)]
     Replica(volume::ReplicaCommand),
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Locks(args) => lock::run_locks(args, target.dlm_socket().as_deref()),
         Command::CreateMd(args) => md::create(args),
         Command::DumpMd(args) => md::dump(args),
+        Command::ForgetClusterLog(args) => md::forget_cluster_log(args),
         Command::Replica(cmd) => volume::run(cmd, target.socket.as_deref()),
     }
 }
