@@ -9,6 +9,10 @@
 // Test code: helpers panic to report a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod replica_harness;
+
+use replica_harness::{PairAddrs, scratch};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,14 +60,6 @@ impl BlockStore for FailingDisk {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn backing(dir: &Path, name: &str, node: u32) -> PathBuf {
     let path = dir.join(name);
     let f = std::fs::File::create(&path).unwrap();
@@ -76,8 +72,8 @@ fn backing(dir: &Path, name: &str, node: u32) -> PathBuf {
 
 async fn start(
     path: &Path,
-    listen: u16,
-    peer: u16,
+    listen: SocketAddr,
+    peer: SocketAddr,
     active: bool,
     layer: Option<StoreLayer>,
 ) -> Volume {
@@ -86,15 +82,8 @@ async fn start(
     config.ping_interval_ms = 200;
     config.ping_timeout_ms = 2000;
     config.store_layer = layer;
-    let connector: Arc<dyn PeerConnector> = Arc::new(
-        TcpConnector::new(
-            format!("127.0.0.1:{listen}").parse().unwrap(),
-            format!("127.0.0.1:{peer}").parse().unwrap(),
-            active,
-        )
-        .await
-        .unwrap(),
-    );
+    let connector: Arc<dyn PeerConnector> =
+        Arc::new(TcpConnector::new(listen, peer, active).await.unwrap());
     Volume::start(
         config,
         Some(connector),
@@ -139,11 +128,9 @@ async fn read(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_whose_disk_fails_goes_diskless_and_a_resync_brings_it_back() {
-    let dir = std::env::temp_dir().join(format!("tandem-disk-failure-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("disk-failure");
     let (a_path, b_path) = (backing(&dir, "a.img", 1), backing(&dir, "b.img", 2));
-    let (pa, pb) = (free_port(), free_port());
+    let PairAddrs { a: pa, b: pb } = PairAddrs::new();
     let failing = Arc::new(AtomicBool::new(false));
     let layer = {
         let failing = failing.clone();
@@ -214,5 +201,4 @@ async fn a_primary_whose_disk_fails_goes_diskless_and_a_resync_brings_it_back() 
     let (ca, cb) = (copy(&a_path), copy(&b_path));
     assert!(ca == cb, "the copies differ after the resync");
     assert_eq!(&ca[8 << 20..(8 << 20) + MIB], &during[..]);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -295,6 +295,26 @@ pub struct MdState {
     pub cluster_log: ClusterLogId,
 }
 
+impl MdState {
+    /// A consistent disk holding generation `current` at `epoch`, nothing else recorded:
+    /// where the simulator's replicas and the core tests start.
+    pub fn consistent_at(current: u64, epoch: Epoch) -> Self {
+        Self {
+            generations: GenerationIds {
+                current,
+                ..Default::default()
+            },
+            flags: MdFlags {
+                consistent: true,
+                ..Default::default()
+            },
+            epoch,
+            primary_since_ms: 0,
+            cluster_log: ClusterLogId::NONE,
+        }
+    }
+}
+
 /// Outputs of the core, run by the shell in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

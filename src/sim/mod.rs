@@ -55,10 +55,10 @@ use crate::replication::core::{
 };
 use crate::replication::metadata_io::{self, AfterMetadataFailure};
 use crate::replication::types::{
-    ConnState, DiskState, Epoch, FencingPolicy, GenerationIds, NodeId, Protocol, Role, VolumeId,
+    ConnState, DiskState, Epoch, FencingPolicy, NodeId, Protocol, Role, VolumeId,
 };
 use crate::replication::wire::Msg;
-use crate::store::metadata::{CreateParams, MdFlags, MetadataFile};
+use crate::store::metadata::{CreateParams, MetadataFile};
 use md_device::SimMdDevice;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -598,19 +598,7 @@ impl Sim {
     /// epoch 1.
     fn initial_metadata(&self, id: u32) -> (SimMdDevice, MetadataFile<SimMdDevice>) {
         let (dev, mut md) = self.create_metadata(id);
-        let start = MdState {
-            generations: GenerationIds {
-                current: 0x1000,
-                ..Default::default()
-            },
-            flags: MdFlags {
-                consistent: true,
-                ..Default::default()
-            },
-            epoch: Epoch(1),
-            primary_since_ms: 0,
-            cluster_log: Default::default(),
-        };
+        let start = MdState::consistent_at(0x1000, Epoch(1));
         metadata_io::write(&mut md, &Action::PersistSuperblock(start))
             .unwrap_or_else(|e| panic!("writing the simulated superblock: {e}"));
         (dev, md)

@@ -6,26 +6,13 @@
 //! cluster test hit only under load are replayed exactly.
 
 use super::*;
-use crate::replication::types::GenerationIds;
 
 const SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
 fn persisted(current: u64, size: u64, al_capacity: u32) -> Persisted {
     Persisted {
-        md: MdState {
-            generations: GenerationIds {
-                current,
-                ..Default::default()
-            },
-            flags: MdFlags {
-                consistent: true,
-                ..Default::default()
-            },
-            epoch: Epoch(1),
-            primary_since_ms: 0,
-            cluster_log: Default::default(),
-        },
+        md: MdState::consistent_at(current, Epoch(1)),
         bitmap: Bitmap::new(size, 4096),
         al_extents: vec![],
         al_extent_bytes: 1 << 20,

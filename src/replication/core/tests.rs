@@ -5,19 +5,7 @@ use crate::replication::types::GenerationIds;
 
 fn persisted(current: u64) -> Persisted {
     Persisted {
-        md: MdState {
-            generations: GenerationIds {
-                current,
-                ..Default::default()
-            },
-            flags: MdFlags {
-                consistent: true,
-                ..Default::default()
-            },
-            epoch: Epoch(1),
-            primary_since_ms: 0,
-            cluster_log: Default::default(),
-        },
+        md: MdState::consistent_at(current, Epoch(1)),
         bitmap: Bitmap::new(1 << 20, 4096),
         al_extents: vec![],
         al_extent_bytes: 1 << 20,
@@ -654,36 +642,13 @@ fn a_failed_disk_comes_back_to_a_full_sync() {
 fn a_secondary_tracks_what_a_diskless_primary_writes_through_it() {
     let (mut a, mut b) = connected();
     let before = b.md.generations;
-    b.step(peer_msg(Msg::StateUpdate {
-        role: Role::Primary,
-        disk: DiskState::Diskless,
-        epoch: b.md.epoch,
-    }));
+    primary_went_diskless(&mut b);
     assert_eq!(
         b.md.generations.bitmap, before.current,
         "the peer's new generation tracks the primary's old one"
     );
     assert_ne!(b.md.generations.current, before.current);
-    let seq = write_sent(&mut a, ReqId(1), 5 * 4096);
-    let acts = b.step(Event::PeerMsg {
-        msg: Msg::Data {
-            seq,
-            offset: 5 * 4096,
-            len: 4096,
-            fua: false,
-            barrier: a.barrier,
-        },
-        payload: Some(10),
-        payload_len: 4096,
-        inline: vec![],
-    });
-    let tag = acts
-        .iter()
-        .find_map(|x| match x {
-            Action::LocalWrite { tag, .. } => Some(*tag),
-            _ => None,
-        })
-        .expect("the secondary writes it");
+    let (_, tag) = write_received(&mut a, &mut b, 5);
     b.step(Event::LocalDone {
         tag,
         result: Ok(()),
@@ -695,24 +660,23 @@ fn a_secondary_tracks_what_a_diskless_primary_writes_through_it() {
     );
 }
 
-/// Hole (found by the simulator once metadata writes could fail, seed 9477 of
-/// `protocols_a_and_b_converge`): a diskless primary's write reached the peer, the link
-/// broke while it landed there, and the peer no longer recorded it — the primary's disk
-/// came back as it was, took a bitmap resync, and kept stale blocks. The peer records
-/// it by where it came from, not by the state of the link when it lands.
-#[test]
-fn a_diskless_primarys_write_that_lands_after_the_link_broke_is_still_tracked() {
-    let (mut a, mut b) = connected();
+/// `b` learns that its primary's disk failed (the primary writes through it now).
+fn primary_went_diskless(b: &mut Replica) {
     b.step(peer_msg(Msg::StateUpdate {
         role: Role::Primary,
         disk: DiskState::Diskless,
         epoch: b.md.epoch,
     }));
-    let seq = write_sent(&mut a, ReqId(1), 7 * 4096);
+}
+
+/// Primary `a` sends a 4 KiB write at `block` and `b` receives it: `b`'s actions, and
+/// the tag of the local write it started.
+fn write_received(a: &mut Replica, b: &mut Replica, block: u64) -> (Vec<Action>, IoTag) {
+    let seq = write_sent(a, ReqId(1), block * 4096);
     let acts = b.step(Event::PeerMsg {
         msg: Msg::Data {
             seq,
-            offset: 7 * 4096,
+            offset: block * 4096,
             len: 4096,
             fua: false,
             barrier: a.barrier,
@@ -728,6 +692,19 @@ fn a_diskless_primarys_write_that_lands_after_the_link_broke_is_still_tracked() 
             _ => None,
         })
         .expect("the secondary writes it");
+    (acts, tag)
+}
+
+/// Hole (found by the simulator once metadata writes could fail, seed 9477 of
+/// `protocols_a_and_b_converge`): a diskless primary's write reached the peer, the link
+/// broke while it landed there, and the peer no longer recorded it — the primary's disk
+/// came back as it was, took a bitmap resync, and kept stale blocks. The peer records
+/// it by where it came from, not by the state of the link when it lands.
+#[test]
+fn a_diskless_primarys_write_that_lands_after_the_link_broke_is_still_tracked() {
+    let (mut a, mut b) = connected();
+    primary_went_diskless(&mut b);
+    let (_, tag) = write_received(&mut a, &mut b, 7);
     b.step(Event::TransportDown {
         reason: "test: the link broke".into(),
     });
@@ -896,24 +873,8 @@ fn a_write_landing_late_does_not_clear_the_mark_of_what_the_peers_failed_disk_lo
 #[test]
 fn a_diskless_primarys_write_is_marked_on_disk_before_it_is_written() {
     let (mut a, mut b) = connected();
-    b.step(peer_msg(Msg::StateUpdate {
-        role: Role::Primary,
-        disk: DiskState::Diskless,
-        epoch: b.md.epoch,
-    }));
-    let seq = write_sent(&mut a, ReqId(1), 11 * 4096);
-    let acts = b.step(Event::PeerMsg {
-        msg: Msg::Data {
-            seq,
-            offset: 11 * 4096,
-            len: 4096,
-            fua: false,
-            barrier: a.barrier,
-        },
-        payload: Some(10),
-        payload_len: 4096,
-        inline: vec![],
-    });
+    primary_went_diskless(&mut b);
+    let (acts, _) = write_received(&mut a, &mut b, 11);
     let write = acts
         .iter()
         .position(|x| matches!(x, Action::LocalWrite { .. }))
