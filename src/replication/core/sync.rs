@@ -186,7 +186,6 @@ impl Replica {
         }
     }
 
-    /// Sync target: the resync is complete and durable; adopt the source's generations.
     /// The crash flag says this node's own writes as primary may be missing from its disk
     /// (its activity log marks where). Once they all landed it may go — after a flush:
     /// landed is not durable (seed 1954: a deposed primary's late write, landed in the
@@ -200,6 +199,7 @@ impl Replica {
         self.md.flags.primary_crashed = false;
     }
 
+    /// Sync target: the resync is complete and durable; adopt the source's generations.
     pub(super) fn adopt_sync(&mut self, generations: super::GenerationIds, out: &mut Vec<Action>) {
         self.md.generations = generations;
         self.md.flags.consistent = true;
