@@ -78,6 +78,11 @@ pub struct ReplicaArgs {
     /// Resync request size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub resync_request: u64,
+    /// A directory off the backing device where a disk failure is recorded
+    /// (`<name>.disk-failed`), so that the disk, should it come back with its old
+    /// metadata, takes a full sync (tandemd's cluster uses its state directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Backing I/O engine: uring or sync.
     #[arg(long, default_value = "uring")]
     pub engine: String,
@@ -96,6 +101,10 @@ pub struct ReplicaArgs {
 impl ReplicaArgs {
     fn volume_config(&self) -> Result<VolumeConfig> {
         let mut c = VolumeConfig::new(&self.name, self.backing.clone());
+        c.failure_record = self
+            .state_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{}.disk-failed", self.name)));
         if let Some(md) = &self.metadata {
             c.metadata = MetadataLocation::External(md.clone());
         }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tandem::error::TandemError;
+use tandem::replication::core::Notice;
 use tandem::replication::types::{ConnState, DiskState, NodeId, VolumeId};
 use tandem::replication::{
     LocalFencer, PeerConnector, StoreLayer, TcpConnector, Volume, VolumeConfig,
@@ -76,8 +77,10 @@ async fn start(
     peer: SocketAddr,
     active: bool,
     layer: Option<StoreLayer>,
+    failure_record: Option<PathBuf>,
 ) -> Volume {
     let mut config = VolumeConfig::new("df", path.to_owned());
+    config.failure_record = failure_record;
     config.engine = Engine::Sync;
     config.ping_interval_ms = 200;
     config.ping_timeout_ms = 2000;
@@ -132,23 +135,10 @@ async fn a_primary_whose_disk_fails_goes_diskless_and_a_resync_brings_it_back() 
     let (a_path, b_path) = (backing(&dir, "a.img", 1), backing(&dir, "b.img", 2));
     let PairAddrs { a: pa, b: pb } = PairAddrs::new();
     let failing = Arc::new(AtomicBool::new(false));
-    let layer = {
-        let failing = failing.clone();
-        StoreLayer::new(move |inner| {
-            Arc::new(FailingDisk {
-                inner,
-                failing: failing.clone(),
-            })
-        })
-    };
-    let b = start(&b_path, pb, pa, false, None).await;
-    let a = start(&a_path, pa, pb, true, Some(layer)).await;
-    for (name, v) in [("a", &a), ("b", &b)] {
-        wait_for(&format!("{name} connected and up to date"), v, |c, d| {
-            c == ConnState::Connected && d == DiskState::UpToDate
-        })
-        .await;
-    }
+    let layer = failing_layer(&failing);
+    let b = start(&b_path, pb, pa, false, None, None).await;
+    let a = start(&a_path, pa, pb, true, Some(layer), None).await;
+    in_sync("connected and up to date", &a, &b).await;
     a.promote(false).await.unwrap();
 
     const MIB: usize = 1 << 20;
@@ -180,25 +170,126 @@ async fn a_primary_whose_disk_fails_goes_diskless_and_a_resync_brings_it_back() 
     // The disk is back (a repaired path): the replica restarts on it and resyncs.
     a.shutdown().await.unwrap();
     failing.store(false, Ordering::Release);
-    let a = start(&a_path, pa, pb, true, None).await;
-    for (name, v) in [("a", &a), ("b", &b)] {
-        wait_for(&format!("{name} in sync again"), v, |c, d| {
+    let a = start(&a_path, pa, pb, true, None, None).await;
+    in_sync("in sync again", &a, &b).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let (ca, cb) = (data_of(&a_path), data_of(&b_path));
+    assert!(ca == cb, "the copies differ after the resync");
+    assert_eq!(&ca[8 << 20..(8 << 20) + MIB], &during[..]);
+}
+
+/// The same disk comes back after its failure with the metadata it had before (the
+/// failure's own metadata write never reached it: seed 10821 of the simulation, where
+/// the peer never learned of the failure either). The record in the state directory
+/// makes it take a full sync, and goes once the disk's metadata says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_whose_failure_was_recorded_takes_a_full_sync_even_with_its_old_metadata() {
+    let dir = scratch("disk-failure-record");
+    let (a_path, b_path) = (backing(&dir, "a.img", 1), backing(&dir, "b.img", 2));
+    let record = dir.join("state").join("df.disk-failed");
+    let PairAddrs { a: pa, b: pb } = PairAddrs::new();
+    let failing = Arc::new(AtomicBool::new(false));
+    let layer = failing_layer(&failing);
+    let b = start(&b_path, pb, pa, false, None, None).await;
+    let a = start(&a_path, pa, pb, true, Some(layer), Some(record.clone())).await;
+    in_sync("connected and up to date", &a, &b).await;
+    a.promote(false).await.unwrap();
+    const MIB: usize = 1 << 20;
+    a.write(0, Arc::new(pattern(3, MIB)), false).await.unwrap();
+    a.flush().await.unwrap();
+    let data_size = data_size_of(&a_path);
+    let old_metadata =
+        std::fs::read(&a_path).unwrap()[usize::try_from(data_size).unwrap()..].to_vec();
+    assert!(!record.exists(), "no failure yet, no record");
+
+    failing.store(true, Ordering::Release);
+    a.write(8 << 20, Arc::new(pattern(4, MIB)), false)
+        .await
+        .expect("a write while the primary's disk fails goes to the peer");
+    wait_for("a diskless", &a, |_, d| d == DiskState::Diskless).await;
+    a.shutdown().await.unwrap();
+    assert!(
+        record.exists(),
+        "the failure is recorded in the state directory"
+    );
+
+    // The path comes back with the disk as it was before the failure, metadata included.
+    failing.store(false, Ordering::Release);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a_path)
+            .unwrap();
+        f.seek(SeekFrom::Start(data_size)).unwrap();
+        f.write_all(&old_metadata).unwrap();
+        f.sync_all().unwrap();
+    }
+    let stale = MetadataFile::open(&a_path).unwrap().superblock().clone();
+    assert!(
+        stale.flags.consistent,
+        "the old metadata looks Consistent: {stale:?}"
+    );
+    let mut events = b.events();
+    let a = start(&a_path, pa, pb, true, None, Some(record.clone())).await;
+    in_sync("in sync again", &a, &b).await;
+    let mut full = None;
+    while let Ok(e) = events.try_recv() {
+        if let Notice::SyncStarted {
+            source: true,
+            full: f,
+            ..
+        } = e.notice
+        {
+            full = Some(f);
+        }
+    }
+    assert_eq!(
+        full,
+        Some(true),
+        "the peer sent a full sync to the disk that had failed"
+    );
+    assert!(
+        !record.exists(),
+        "the record goes once the metadata says so"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    let (ca, cb) = (data_of(&a_path), data_of(&b_path));
+    assert!(ca == cb, "the copies differ after the resync");
+}
+
+fn failing_layer(failing: &Arc<AtomicBool>) -> StoreLayer {
+    let failing = failing.clone();
+    StoreLayer::new(move |inner| {
+        Arc::new(FailingDisk {
+            inner,
+            failing: failing.clone(),
+        })
+    })
+}
+
+/// Waits until both replicas are connected and UpToDate.
+async fn in_sync(what: &str, a: &Volume, b: &Volume) {
+    for (name, v) in [("a", a), ("b", b)] {
+        wait_for(&format!("{name} {what}"), v, |c, d| {
             c == ConnState::Connected && d == DiskState::UpToDate
         })
         .await;
     }
-    let data_size = MetadataFile::open(&b_path)
+}
+
+fn data_size_of(path: &Path) -> u64 {
+    MetadataFile::open(path)
         .unwrap()
         .superblock()
-        .data_size_bytes;
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    let copy = |p: &Path| {
-        let mut bytes = std::fs::read(p).unwrap();
-        bytes.truncate(usize::try_from(data_size).unwrap());
-        bytes
-    };
-    let (ca, cb) = (copy(&a_path), copy(&b_path));
-    assert!(ca == cb, "the copies differ after the resync");
-    assert_eq!(&ca[8 << 20..(8 << 20) + MIB], &during[..]);
+        .data_size_bytes
+}
+
+/// A stopped replica's data (its backing file without the metadata).
+fn data_of(path: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes.truncate(usize::try_from(data_size_of(path)).unwrap());
+    bytes
 }

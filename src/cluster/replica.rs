@@ -471,6 +471,12 @@ pub async fn start_volumes(
             ConfigProtocol::C => Protocol::C,
         };
         vc.fencing = FencingPolicy::ResourceAndStonith;
+        vc.failure_record = Some(
+            config
+                .state_dir(node_name)
+                .join("replicas")
+                .join(format!("{}.disk-failed", volume.name)),
+        );
         vc.ping_interval_ms = config.cluster.heartbeat_ms;
         vc.ping_timeout_ms = config.cluster.failure_timeout_ms;
         let peer_uptodate_events: Arc<std::sync::atomic::AtomicU64> = Arc::default();

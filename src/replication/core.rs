@@ -379,6 +379,12 @@ pub enum Action {
     PersistBitmap {
         blocks: Vec<(usize, Vec<u64>)>,
     },
+    /// Synchronous: record, somewhere the failed disk cannot take with it (the node's
+    /// state directory), that this disk failed. Its own metadata may not take the write
+    /// of the forgotten generations, and the same disk may come back with its old,
+    /// Consistent-looking metadata; the record makes it take a full sync then
+    /// ([`super::metadata_io::forget_generations`]).
+    RecordDiskFailure,
     Notify(Notice),
     /// The core stopped after a clean shutdown.
     Stopped,
@@ -2246,6 +2252,11 @@ impl Replica {
         // the peer does not track what this node writes through it meanwhile. A bitmap
         // resync after a failure left blocks differing (seeds 15687, 42787).
         self.md.generations = GenerationIds::default();
+        // That superblock write goes to the failed disk and may well fail: the record
+        // does not (seed 10821: the primary's disk failed under a trim that landed on the
+        // peer alone, the link broke before the peer learned, and the same disk came back
+        // later with its old metadata, in sync by every generation and bit).
+        out.push(Action::RecordDiskFailure);
         self.persist_sb(out);
         self.set_disk(DiskState::Diskless, out);
         // What landed on the failed disk is as good as lost: a write or flush whose local

@@ -3,8 +3,10 @@
 //! tandemd does, through the same encoders, and a failed write ends its batch the same way.
 
 use super::core::{Action, IoTag, MdState, Persisted};
-use crate::error::Result;
+use crate::error::{Result, TandemError};
 use crate::store::metadata::{BitmapLoad, MetadataDevice, MetadataFile};
+use std::io::Write;
+use std::path::Path;
 
 /// What a replica starts from: the superblock, bitmap and activity log on disk (bitmap
 /// blocks that fail their check come back all-dirty, listed in the [`BitmapLoad`]).
@@ -54,6 +56,18 @@ pub fn write<D: MetadataDevice>(md: &mut MetadataFile<D>, action: &Action) -> Re
     }
 }
 
+/// Writes what a disk that failed must come back with: no generations and not
+/// Consistent, so it takes a full sync from its peer (what the core wrote when the disk
+/// failed, if that write reached the disk at all). The caller does this when it starts on
+/// a disk whose failure was recorded ([`Action::RecordDiskFailure`]), and forgets the
+/// record only once this write succeeded.
+pub fn forget_generations<D: MetadataDevice>(md: &mut MetadataFile<D>) -> Result<()> {
+    let mut sb = md.superblock().clone();
+    sb.generations = Default::default();
+    sb.flags.consistent = false;
+    md.write_superblock(&sb)
+}
+
 /// Is this a metadata action?
 pub fn is_metadata(action: &Action) -> bool {
     matches!(
@@ -89,3 +103,46 @@ pub fn after_metadata_failure(action: &Action) -> AfterMetadataFailure {
 /// The error a local I/O skipped after a failed metadata write reports.
 pub const NOT_RUN_AFTER_METADATA_FAILURE: &str =
     "not run: the disk was detached after a failed metadata write";
+
+/// Makes the record that this node's disk failed durable at `path` (in the node's state
+/// directory, not on the failed disk): the file, then its directory entry.
+pub fn write_failure_record(path: &Path, reason: &str) -> Result<()> {
+    let io = |what: &str, source| TandemError::Io {
+        what: format!("{what} the disk-failure record {}", path.display()),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+    }
+    let mut file = std::fs::File::create(path).map_err(|e| io("creating", e))?;
+    writeln!(file, "{reason}").map_err(|e| io("writing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    sync_parent(path).map_err(|e| io("syncing the directory of", e))
+}
+
+/// Starting on a disk whose failure was recorded at `path`: writes the forgotten
+/// generations ([`forget_generations`]) and only then removes the record. Returns whether
+/// there was one.
+pub fn apply_failure_record<D: MetadataDevice>(
+    md: &mut MetadataFile<D>,
+    path: &Path,
+) -> Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    forget_generations(md)?;
+    let io = |source| TandemError::Io {
+        what: format!("removing the disk-failure record {}", path.display()),
+        source,
+    };
+    std::fs::remove_file(path).map_err(io)?;
+    sync_parent(path).map_err(io)?;
+    Ok(true)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}

@@ -110,8 +110,14 @@ pub(super) async fn start(
         MetadataLocation::Internal => config.backing.clone(),
         MetadataLocation::External(p) => p.clone(),
     };
+    let failure_record = config.failure_record.clone();
     let (md, persisted) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let md = MetadataFile::open(&md_path)?;
+        let mut md = MetadataFile::open(&md_path)?;
+        if let Some(record) = &failure_record
+            && metadata_io::apply_failure_record(&mut md, record)?
+        {
+            tracing::warn!(path = %md_path.display(), record = %record.display(), "this disk failed earlier: it takes a full sync from its peer");
+        }
         let (persisted, load) = metadata_io::load(&md)?;
         if !load.bad_blocks.is_empty() {
             tracing::warn!(path = %md_path.display(), blocks = ?load.bad_blocks, "bitmap blocks failed their checksum; treating them as all out of sync");
@@ -505,6 +511,24 @@ impl Shell {
 
     async fn run_action(&mut self, action: Action) -> Ran {
         match action {
+            Action::RecordDiskFailure => match self.config.failure_record.clone() {
+                Some(path) => {
+                    let r = tokio::task::spawn_blocking(move || {
+                        metadata_io::write_failure_record(&path, "the disk failed; detached")
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "cannot record the disk failure: should this disk come back with its old metadata, recreate its metadata (tandemctl create-md) so that it takes a full sync")
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot record the disk failure"),
+                    }
+                }
+                None => tracing::warn!(
+                    "no state directory to record the disk failure in: if this disk comes back with its old metadata, only a peer that saw the failure knows"
+                ),
+            },
             Action::LocalWrite {
                 tag,
                 offset,

@@ -84,6 +84,12 @@ pub struct VolumeConfig {
     pub resync: ResyncConfig,
     /// Put over the backing store once it is open (none in tandemd's own use).
     pub store_layer: Option<StoreLayer>,
+    /// Where to record that the disk failed (a file in the node's state directory, off
+    /// the backing device). A disk that fails may come back with its old metadata, which
+    /// looks Consistent and in sync; with a record, the volume's next start makes it
+    /// take a full sync instead. Without one (a bare `tandemd replica` without
+    /// `--state-dir`), only a peer that saw the failure knows.
+    pub failure_record: Option<PathBuf>,
 }
 
 /// A layer a volume puts over its backing store once it is open, for an embedder's
@@ -128,6 +134,7 @@ impl VolumeConfig {
             ping_timeout_ms: 5000,
             resync: ResyncConfig::default(),
             store_layer: None,
+            failure_record: None,
         }
     }
 }

@@ -282,6 +282,9 @@ pub struct SimNode {
     stopped_cleanly: bool,
     /// Its disk died (every local I/O fails); it is replaced when the run heals.
     disk_failed: bool,
+    /// The node's state directory (not on the failing disk, kept through power loss)
+    /// holds a record that its disk failed (`Action::RecordDiskFailure`).
+    failure_recorded: bool,
     pub notices: Vec<Notice>,
 }
 
@@ -564,6 +567,7 @@ impl Sim {
                 down_since_ms: 0,
                 stopped_cleanly: false,
                 disk_failed: false,
+                failure_recorded: false,
                 notices: Vec::new(),
             });
             sim.run_batch(usize::try_from(id).expect("small"), startup);
@@ -973,6 +977,10 @@ impl Sim {
                 self.nodes[node].notices.push(notice);
             }
             Action::Stopped => self.stopped(node),
+            Action::RecordDiskFailure => {
+                tracing::trace!(node, "disk failure recorded in the state directory");
+                self.nodes[node].failure_recorded = true;
+            }
         }
     }
 
@@ -1479,13 +1487,24 @@ impl Sim {
             return;
         }
         let id = u32::try_from(node).expect("small");
-        let md = MetadataFile::open_on(self.nodes[node].md_dev.clone(), Path::new("sim-md"))
+        let mut md = MetadataFile::open_on(self.nodes[node].md_dev.clone(), Path::new("sim-md"))
             .unwrap_or_else(|e| {
                 panic!(
                     "seed {}: node {node} cannot open its metadata: {e}",
                     self.report.seed
                 )
             });
+        if self.nodes[node].failure_recorded {
+            // As tandemd's start does: the disk that failed (or its replacement) takes a
+            // full sync, and the record goes once that is on the disk.
+            metadata_io::forget_generations(&mut md).unwrap_or_else(|e| {
+                panic!(
+                    "seed {}: node {node} cannot write its metadata: {e}",
+                    self.report.seed
+                )
+            });
+            self.nodes[node].failure_recorded = false;
+        }
         let (core, startup) = self.open_replica(id, &md);
         let n = &mut self.nodes[node];
         n.core = core;

@@ -413,6 +413,12 @@ fn regression_seeds_stay_fixed() {
             ab[0].clone(),
             "(the model) heal called the pair settled with writes queued in a busy process",
         ),
+        (
+            10_821,
+            ab[1].clone(),
+            "a disk that failed under a write only its peer got came back with its old \
+             metadata, in sync by every record, and kept the stale block",
+        ),
     ];
     for (seed, cfg, what) in cases {
         run(seed, cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
