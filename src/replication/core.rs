@@ -3081,13 +3081,16 @@ impl Replica {
     }
 
     /// Where a connection's barrier numbers start: anywhere, and a quarter of the time
-    /// just below the wrap, so that nothing may assume they start at 1 or grow without
-    /// wrapping (every comparison is `barrier_le`), and the simulator reaches the wrap.
+    /// within four of the wrap, so that nothing may assume they start at 1 or grow
+    /// without wrapping (every comparison is `barrier_le`), and the simulator reaches the
+    /// wrap while the connection's first barriers are still in flight (64 below it, the
+    /// wrap came too late for a flush to wait on a barrier across it: hole 6 was not
+    /// found in the CI budget; with four, seed 9666).
     fn first_barrier(&mut self) -> u32 {
         let r = splitmix(&mut self.rng);
         let high = u32::try_from(r >> 32).expect("32 bits");
         let n = if r.is_multiple_of(4) {
-            u32::MAX - high % 64
+            u32::MAX - high % 4
         } else {
             high
         };

@@ -414,6 +414,12 @@ fn regression_seeds_stay_fixed() {
             "(the model) heal called the pair settled with writes queued in a busy process",
         ),
         (
+            9666,
+            ab[0].clone(),
+            "(issue 12, hole 6) a barrier ack from before the wrap completed a flush waiting \
+             on a barrier after it",
+        ),
+        (
             10_821,
             ab[1].clone(),
             "a disk that failed under a write only its peer got came back with its old \
