@@ -414,6 +414,17 @@ fn regression_seeds_stay_fixed() {
             "(the model) heal called the pair settled with writes queued in a busy process",
         ),
         (
+            1008,
+            SimConfig::default(),
+            "(issue 12, hole 5) a clean shutdown forgot the writes its peer had not confirmed",
+        ),
+        (
+            9319,
+            ab[1].clone(),
+            "(issue 12, hole 4) protocol B dropped a write it had acknowledged on receipt \
+             when the link broke before the write started",
+        ),
+        (
             9666,
             ab[0].clone(),
             "(issue 12, hole 6) a barrier ack from before the wrap completed a flush waiting \
