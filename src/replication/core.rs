@@ -2133,7 +2133,14 @@ impl Replica {
         digest: Option<u64>,
         out: &mut Vec<Action>,
     ) {
-        let failed = result.as_ref().err().cloned();
+        let mut failed = result.as_ref().err().cloned();
+        if failed.is_none() && self.disk == DiskState::Diskless {
+            // It landed on a disk detached since it started (the metadata device failed
+            // while the data device still works): no copy counts there, the disk's next
+            // start takes a full sync from the peer. Acknowledged on it, a write would
+            // have no copy anywhere once the peer is gone.
+            failed = Some("completed on a disk that was detached meanwhile".to_owned());
+        }
         if let Some(reason) = &failed {
             self.disk_failed(reason, out);
         }

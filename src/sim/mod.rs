@@ -282,6 +282,9 @@ pub struct SimNode {
     stopped_cleanly: bool,
     /// Its disk died (every local I/O fails); it is replaced when the run heals.
     disk_failed: bool,
+    /// Only its metadata device died: data I/O still works (the core has detached the
+    /// disk all the same, once a metadata write failed).
+    only_metadata_failed: bool,
     /// The node's state directory (not on the failing disk, kept through power loss)
     /// holds a record that its disk failed (`Action::RecordDiskFailure`).
     failure_recorded: bool,
@@ -458,8 +461,10 @@ pub struct Sim {
     /// Flushes submitted while the pair was connected and in sync: on which link.
     flush_links: HashMap<ReqId, u64>,
     /// The disk that dies in this run, if any: (node, the count of local I/Os from which
-    /// it dies, at its first I/O while the pair is in sync).
-    failing_disk: Option<(usize, u64)>,
+    /// it dies, at its first I/O while the pair is in sync, and whether only its
+    /// metadata device dies — external metadata on a device of its own — while the data
+    /// device goes on working).
+    failing_disk: Option<(usize, u64, bool)>,
     /// Local I/Os completed so far (all nodes).
     local_ios: u64,
     /// The schedule is over and `heal` runs: no new failures.
@@ -541,7 +546,11 @@ impl Sim {
             promoting: None,
             failing_disk: (cfg.disk_failures && seed % 2 == 1).then(|| {
                 let mut pick = SimRng::new(seed ^ 0x5eed_d15c);
-                (usize::from(pick.chance(50)), pick.below(200))
+                (
+                    usize::from(pick.chance(50)),
+                    pick.below(200),
+                    pick.chance(30),
+                )
             }),
             local_ios: 0,
             healing: false,
@@ -567,6 +576,7 @@ impl Sim {
                 down_since_ms: 0,
                 stopped_cleanly: false,
                 disk_failed: false,
+                only_metadata_failed: false,
                 failure_recorded: false,
                 notices: Vec::new(),
             });
@@ -762,7 +772,10 @@ impl Sim {
             }
         }
         let n = &mut self.nodes[node];
-        let result = if matches!(action, Action::PersistAl { .. }) && n.disk_failed {
+        let result = if matches!(action, Action::PersistAl { .. })
+            && n.disk_failed
+            && !n.only_metadata_failed
+        {
             // The data flush before the transaction fails first.
             Err("flush before the activity-log transaction: Input/output error".to_string())
         } else {
@@ -1161,6 +1174,7 @@ impl Sim {
         tracing::trace!(node, new_disk, "disk replaced");
         self.report.disks_replaced += 1;
         self.nodes[node].disk_failed = false;
+        self.nodes[node].only_metadata_failed = false;
         if new_disk {
             let (md_dev, md) = self.create_metadata(u32::try_from(node).expect("small"));
             let n = &mut self.nodes[node];
@@ -1677,7 +1691,7 @@ impl Sim {
                 if !self.healing
                     && self
                         .failing_disk
-                        .is_some_and(|(n, at)| n == node && self.local_ios >= at)
+                        .is_some_and(|(n, at, _)| n == node && self.local_ios >= at)
                     && self.nodes[node].core.disk() != DiskState::Diskless
                     // A single failure: the pair is in sync (else the failure waits;
                     // seeds 13775 and 55667 had the only copy of acknowledged writes on
@@ -1685,13 +1699,16 @@ impl Sim {
                     // there: the node lost its disk, not its process.
                     && self.in_sync()
                 {
+                    let only_metadata = self.failing_disk.is_some_and(|(.., m)| m);
+                    tracing::trace!(node, only_metadata, "the disk dies");
                     self.failing_disk = None;
                     self.report.disk_failures += 1;
                     self.nodes[node].disk_failed = true;
+                    self.nodes[node].only_metadata_failed = only_metadata;
                     self.nodes[node].md_dev.set_failed(true);
                     self.oracle.disk_lost(node);
                 }
-                if self.nodes[node].disk_failed {
+                if self.nodes[node].disk_failed && !self.nodes[node].only_metadata_failed {
                     // A dead disk fails everything until it is replaced; the medium is
                     // left as it was (the node's copy is Inconsistent when it returns).
                     tracing::trace!(node, ?tag, ?op, "disk failed");

@@ -753,6 +753,40 @@ fn a_write_whose_only_copy_was_on_a_failed_disk_is_not_acknowledged() {
     );
 }
 
+/// The same, when the write lands only after the disk was detached: with external
+/// metadata the metadata device can fail while the data device still completes writes
+/// started before (or, before issue 12's hole 9 was fixed, after) the detach. What lands
+/// on a detached disk is no copy: its next start takes a full sync from the peer.
+#[test]
+fn a_write_landing_on_a_detached_disk_is_no_copy_of_it() {
+    let (mut a, _b) = connected();
+    let req = ReqId(1);
+    write_sent(&mut a, req, 0);
+    let mut acts = a.step(Event::MetadataFailed {
+        reason: "test: the metadata device died".into(),
+    });
+    acts.extend(a.step(Event::TransportDown {
+        reason: "test".into(),
+    }));
+    acts.extend(a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    }));
+    assert!(
+        !acts.contains(&Action::Complete {
+            req,
+            result: Ok(None)
+        }),
+        "a write whose only copy landed on a detached disk was acknowledged: {acts:?}"
+    );
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
+        "{acts:?}"
+    );
+}
+
 /// A node cannot tell which writes its disk cache lost in a power loss; only its peer's
 /// bitmap can. So a process marks the disk `open` at start and clears it on a clean
 /// shutdown; found set at start, the disk's cache may be lost (`cache_lost`, told to the
