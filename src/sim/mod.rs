@@ -16,6 +16,9 @@
 //! batch follows the shell's rule, shared with it); a power loss during it tears or
 //! loses its block writes; a restart loads what is on the device.
 //!
+//! One run in sixteen has a large volume (16,500 activity-log extents, a bitmap over
+//! several metadata blocks) with a hot window for half its writes.
+//!
 //! Faults and actions in the default mix: crashes (power loss of either node, also while
 //! the other is cleanly stopped), partitions, failovers, local I/O stalls of 50–500 ms,
 //! process pauses of 50–1500 ms, connection resets with an immediate reconnect, clean
@@ -339,7 +342,15 @@ pub struct SimConfig {
     /// Decided apart from the schedule's random stream, so a run without the failure is
     /// the same run as without the knob.
     pub disk_failures: bool,
+    /// In one run out of sixteen (chosen by the seed), the volume is large: 33,000 blocks
+    /// in activity-log extents of two blocks (16,500 extents, a bitmap over several
+    /// metadata blocks) instead of 256 blocks in 16 extents. Half its writes go to a hot
+    /// window of 64 blocks (a journal), so that writes still meet.
+    pub large_volumes: bool,
 }
+
+/// Blocks of a large volume ([`SimConfig::large_volumes`]).
+pub const LARGE_VOLUME_BLOCKS: u64 = 33_000;
 
 impl SimConfig {
     /// The fault mix of the first simulator, without stalls, pauses, resets and
@@ -352,8 +363,14 @@ impl SimConfig {
             lifecycle: false,
             hostile_peer: false,
             disk_failures: false,
+            large_volumes: false,
             ..Self::default()
         }
+    }
+
+    /// Is run `seed` one on a large volume?
+    pub fn large_volume(&self, seed: u64) -> bool {
+        self.large_volumes && matches!(seed % 32, 6 | 11)
     }
 }
 
@@ -377,6 +394,7 @@ impl Default for SimConfig {
             lifecycle: true,
             hostile_peer: true,
             disk_failures: true,
+            large_volumes: true,
         }
     }
 }
@@ -417,6 +435,8 @@ pub struct SimReport {
     /// block writes; metadata writes that failed (a dead disk).
     pub torn_metadata: u64,
     pub failed_metadata: u64,
+    /// Runs on a large volume ([`SimConfig::large_volumes`]).
+    pub large_volumes: u64,
 }
 
 /// The simulated world.
@@ -473,7 +493,15 @@ pub struct Sim {
     /// refused, e.g. writes of the old primary were still landing): the cluster's
     /// orchestrator asks again on its next round, and so does the simulation each tick.
     promoting: Option<usize>,
+    /// Blocks per activity-log extent, and extents in the log.
+    extent_blocks: u64,
+    al_capacity: u32,
+    /// On a large volume, where its hot window of 64 blocks starts.
+    hot_window: Option<u64>,
 }
+
+/// Blocks in a large volume's hot window.
+const HOT_WINDOW_BLOCKS: u64 = 64;
 
 #[derive(Debug, Clone)]
 enum AppKind {
@@ -498,7 +526,11 @@ enum AppKind {
 impl Sim {
     /// Two nodes with identical empty disks at the same generation, node 0 primary and
     /// both connecting.
-    pub fn new(seed: u64, cfg: SimConfig) -> Self {
+    pub fn new(seed: u64, mut cfg: SimConfig) -> Self {
+        let large = cfg.large_volume(seed);
+        if large {
+            cfg.blocks = LARGE_VOLUME_BLOCKS;
+        }
         let size = cfg.blocks * BLOCK;
         let mut replica_cfg = ReplicaConfig::new(VolumeId::from_name("sim"), NodeId(0), size);
         replica_cfg.protocol = cfg.protocol;
@@ -535,6 +567,7 @@ impl Sim {
             unsafe_crash: false,
             report: SimReport {
                 seed,
+                large_volumes: u64::from(large),
                 ..Default::default()
             },
             pending_app: BTreeMap::new(),
@@ -544,6 +577,12 @@ impl Sim {
             paused_until: [0; 2],
             flush_links: HashMap::new(),
             promoting: None,
+            extent_blocks: if large { 2 } else { 16 },
+            // Room for a 16 MiB trim in a few dozen pieces on a large volume.
+            al_capacity: if large { 64 } else { AL_CAPACITY },
+            hot_window: large.then(|| {
+                SimRng::new(seed ^ 0x407_b10c).below(LARGE_VOLUME_BLOCKS - HOT_WINDOW_BLOCKS)
+            }),
             failing_disk: (cfg.disk_failures && seed % 2 == 1).then(|| {
                 let mut pick = SimRng::new(seed ^ 0x5eed_d15c);
                 (
@@ -594,8 +633,8 @@ impl Sim {
         let mut params = CreateParams::new(VolumeId::from_name("sim"), NodeId(id));
         params.internal = false;
         params.data_size_bytes = Some(self.replica_cfg.size_bytes);
-        params.al_extents = AL_CAPACITY;
-        params.al_extent_bytes = 16 * BLOCK;
+        params.al_extents = self.al_capacity;
+        params.al_extent_bytes = self.extent_blocks * BLOCK;
         params.al_slots = AL_SLOTS;
         let layout = crate::store::metadata::Layout::new(
             self.replica_cfg.size_bytes,
@@ -763,7 +802,7 @@ impl Sim {
     fn start_metadata_action(&mut self, node: usize, action: &Action) {
         if let Action::PersistAl { extents } = action {
             // A transaction beyond the superblock's limit would detach a healthy disk.
-            if let Err(e) = crate::store::metadata::encode_al_block(0, extents, AL_CAPACITY) {
+            if let Err(e) = crate::store::metadata::encode_al_block(0, extents, self.al_capacity) {
                 panic!(
                     "seed {}: node {node}'s activity-log transaction is refused by the \
                      metadata store ({e}); its disk would be detached as failed",
@@ -1297,7 +1336,7 @@ impl Sim {
             return self.app_trim(p);
         }
         let blocks = 1 + self.rng.below(4);
-        let start = self.rng.below(self.cfg.blocks - blocks + 1);
+        let start = self.pick_start(blocks);
         let tokens: Vec<u64> = (0..blocks)
             .map(|_| {
                 self.next_token += 1;
@@ -1331,15 +1370,30 @@ impl Sim {
         );
     }
 
+    /// Where a small request of `blocks` starts: anywhere, or on a large volume half of
+    /// the time in its hot window.
+    fn pick_start(&mut self, blocks: u64) -> u64 {
+        match self.hot_window {
+            Some(h) if self.rng.chance(50) => h + self.rng.below(HOT_WINDOW_BLOCKS - blocks + 1),
+            _ => self.rng.below(self.cfg.blocks - blocks + 1),
+        }
+    }
+
     /// A discard or write-zeroes: mostly small, sometimes of a large part of the volume
     /// (mkfs discards the whole device), wider than the activity log.
     fn app_trim(&mut self, p: usize) {
+        // Up to the whole volume; on a large one up to 64 blocks (32 extents: a piece and
+        // an activity-log transaction each, which with stalls already takes seconds).
         let blocks = if self.rng.chance(30) {
-            1 + self.rng.below(self.cfg.blocks)
+            1 + self.rng.below(self.cfg.blocks.min(64))
         } else {
             1 + self.rng.below(4)
         };
-        let start = self.rng.below(self.cfg.blocks - blocks + 1);
+        let start = if blocks <= 4 {
+            self.pick_start(blocks)
+        } else {
+            self.rng.below(self.cfg.blocks - blocks + 1)
+        };
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let zeroes = self.rng.chance(50);
@@ -1391,7 +1445,7 @@ impl Sim {
         }
         let req = ReqId(self.next_req);
         self.next_req += 1;
-        let block = self.rng.below(self.cfg.blocks);
+        let block = self.pick_start(1);
         // The cluster's primary must read what it acknowledged (after a double failure,
         // or with protocol A after a failover, acknowledged writes may be gone).
         let checked = self.cluster_primary == Some(n)

@@ -51,6 +51,7 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.disk_failures += report.disk_failures;
         total.disks_replaced += report.disks_replaced;
         total.torn_metadata += report.torn_metadata;
+        total.large_volumes += report.large_volumes;
         total.failed_metadata += report.failed_metadata;
         runs_done += 1;
     }
@@ -82,6 +83,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     );
     // Metadata goes through the real encoders onto a device a power loss can interrupt.
     assert!(total.torn_metadata > 0, "{total:?}");
+    // Some volumes have 16k extents and more.
+    assert!(
+        !cfg.large_volumes || runs_done < 64 || total.large_volumes > 0,
+        "{total:?}"
+    );
     total
 }
 
