@@ -437,6 +437,8 @@ pub struct SimReport {
     pub failed_metadata: u64,
     /// Runs on a large volume ([`SimConfig::large_volumes`]).
     pub large_volumes: u64,
+    /// Protocol A failovers after which the new primary's received writes were checked.
+    pub received_checked: u64,
 }
 
 /// The simulated world.
@@ -493,12 +495,22 @@ pub struct Sim {
     /// refused, e.g. writes of the old primary were still landing): the cluster's
     /// orchestrator asks again on its next round, and so does the simulation each tick.
     promoting: Option<usize>,
+    /// Protocol A: the replicated writes delivered to each node's process (first block,
+    /// tokens), in stream order, since it started or its last resync began or ended.
+    received: [ReceivedWrites; 2],
+    /// Protocol A, after a failover: the new primary and the writes it had received,
+    /// whose prefix up to the last one visible on its disk must be there (checked once
+    /// nothing of it is in flight).
+    received_must_land: Option<(usize, ReceivedWrites)>,
     /// Blocks per activity-log extent, and extents in the log.
     extent_blocks: u64,
     al_capacity: u32,
     /// On a large volume, where its hot window of 64 blocks starts.
     hot_window: Option<u64>,
 }
+
+/// Replicated writes a node's process received: (first block, tokens), in stream order.
+type ReceivedWrites = Vec<(u64, Vec<u64>)>;
 
 /// Blocks in a large volume's hot window.
 const HOT_WINDOW_BLOCKS: u64 = 64;
@@ -577,6 +589,8 @@ impl Sim {
             paused_until: [0; 2],
             flush_links: HashMap::new(),
             promoting: None,
+            received: [Vec::new(), Vec::new()],
+            received_must_land: None,
             extent_blocks: if large { 2 } else { 16 },
             // Room for a 16 MiB trim in a few dozen pieces on a large volume.
             al_capacity: if large { 64 } else { AL_CAPACITY },
@@ -1020,6 +1034,20 @@ impl Sim {
                 if matches!(notice, Notice::SyncFinished { source: true, .. }) {
                     self.report.resyncs += 1;
                 }
+                if let Notice::SyncStarted { source: false, .. }
+                | Notice::SyncFinished { source: false, .. } = notice
+                {
+                    // Resync data is no replicated write, and what a target held before
+                    // its resync is overwritten where it differed.
+                    self.received[node].clear();
+                    if self
+                        .received_must_land
+                        .as_ref()
+                        .is_some_and(|(n, _)| *n == node)
+                    {
+                        self.received_must_land = None;
+                    }
+                }
                 if matches!(notice, Notice::SplitBrain { .. }) {
                     panic!(
                         "seed {}: split brain in a run where the cluster forbids two primaries: {notice:?}",
@@ -1258,6 +1286,14 @@ impl Sim {
         n.md_busy = false;
         self.pending_app.retain(|_, (owner, _)| *owner != node);
         self.oracle.node_crashed(node);
+        self.received[node].clear();
+        if self
+            .received_must_land
+            .as_ref()
+            .is_some_and(|(n, _)| *n == node)
+        {
+            self.received_must_land = None;
+        }
     }
 
     /// A clean shutdown of either node (the cluster replaces a primary that stops).
@@ -1621,7 +1657,10 @@ impl Sim {
             // Protocol A acknowledges before the peer has the data: what the new primary
             // lacks (the old one crashed, or stopped with writes still unsent) is lost by
             // design. Its copy is the truth from here on; a completed FLUSH was checked on
-            // the peer when it completed.
+            // the peer when it completed. But the stream is ordered: what it received is
+            // a prefix of what was sent, and all of it must land (checked once nothing of
+            // it is in flight) — whole epochs up to some point, nothing from later ones.
+            self.received_must_land = Some((new, std::mem::take(&mut self.received[new])));
             for b in 0..self.cfg.blocks {
                 let token = self.nodes[new].disk.read(b);
                 if self.oracle.check_block(b, token).is_err() {
@@ -1834,6 +1873,11 @@ impl Sim {
                 {
                     return;
                 }
+                if self.cfg.protocol == Protocol::A
+                    && let (Msg::Data { offset, .. }, Some(tokens)) = (&frame.msg, &frame.data)
+                {
+                    self.received[to].push((offset / BLOCK, tokens.clone()));
+                }
                 let (payload, payload_len) = match frame.data {
                     Some(tokens) => {
                         let key = self.next_payload;
@@ -1925,6 +1969,7 @@ impl Sim {
         }
         self.maybe_connect();
         self.retry_promotion();
+        self.check_received_writes_landed();
         if self.in_sync() {
             self.crashed_since_sync = [false; 2];
         }
@@ -1937,6 +1982,55 @@ impl Sim {
                 "seed {} at {} ms, pair quiet and in sync: {e}",
                 self.report.seed, self.now_ms
             );
+        }
+    }
+
+    /// Protocol A after a failover: once the new primary has no local I/O in flight and
+    /// nothing queued, its disk holds a prefix of the stream it received from the old
+    /// primary: every write before the last one still visible there is on its disk (or a
+    /// later write of the same blocks is). A refused tail (a deposed sender) is no
+    /// prefix violation; a write dropped in the middle is.
+    fn check_received_writes_landed(&mut self) {
+        let Some((node, _)) = &self.received_must_land else {
+            return;
+        };
+        let node = *node;
+        if self.nodes[node].disk_failed {
+            self.received_must_land = None;
+            return;
+        }
+        let in_flight = self
+            .events
+            .values()
+            .any(|e| matches!(e, SimEvent::LocalDone { node: n, .. } if *n == node));
+        if in_flight || self.busy(node) {
+            return;
+        }
+        let Some((_, writes)) = self.received_must_land.take() else {
+            return;
+        };
+        self.report.received_checked += 1;
+        let disk = &self.nodes[node].disk;
+        let visible = |(first, tokens): &(u64, Vec<u64>)| {
+            (*first..)
+                .zip(tokens)
+                .any(|(block, &token)| disk.read(block) == token)
+        };
+        let Some(last) = writes.iter().rposition(visible) else {
+            return;
+        };
+        for (first, tokens) in &writes[..last] {
+            for (block, &token) in (*first..).zip(tokens) {
+                let floor = self.oracle.position(block, token);
+                if let Err(e) = self.oracle.check_at_least(block, floor, disk.read(block)) {
+                    panic!(
+                        "seed {}: protocol A: node {node} took over holding no prefix of what \
+                         it received from the old primary (a write is missing before one that \
+                         landed): {e}",
+                        self.report.seed
+                    );
+                }
+            }
         }
     }
 

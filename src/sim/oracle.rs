@@ -134,6 +134,15 @@ impl Oracle {
         }
     }
 
+    /// The place of write `token` in the history of `block` (None if it was not
+    /// written there).
+    pub fn position(&self, block: u64, token: u64) -> Option<usize> {
+        match self.index_of.get(&token) {
+            Some(&(b, idx)) if b == block => Some(idx),
+            _ => None,
+        }
+    }
+
     /// The newest acknowledged write of `block` (its place in the block's history).
     pub fn floor(&self, block: u64) -> Option<usize> {
         self.acked[Self::slot(block)]

@@ -52,6 +52,7 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.disks_replaced += report.disks_replaced;
         total.torn_metadata += report.torn_metadata;
         total.large_volumes += report.large_volumes;
+        total.received_checked += report.received_checked;
         total.failed_metadata += report.failed_metadata;
         runs_done += 1;
     }
@@ -83,6 +84,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     );
     // Metadata goes through the real encoders onto a device a power loss can interrupt.
     assert!(total.torn_metadata > 0, "{total:?}");
+    // Protocol A: failovers check that the new primary's received writes all landed.
+    assert!(
+        cfg.protocol != Protocol::A || runs_done < 64 || total.received_checked > 0,
+        "{total:?}"
+    );
     // Some volumes have 16k extents and more.
     assert!(
         !cfg.large_volumes || runs_done < 64 || total.large_volumes > 0,
