@@ -3,6 +3,7 @@
 //! tandemd does, through the same encoders, and a failed write ends its batch the same way.
 
 use super::core::{Action, IoTag, MdState, Persisted};
+use super::types::{ClusterLogId, Epoch};
 use crate::error::{Result, TandemError};
 use crate::store::metadata::{BitmapLoad, MetadataDevice, MetadataFile};
 use std::io::Write;
@@ -66,6 +67,21 @@ pub fn forget_generations<D: MetadataDevice>(md: &mut MetadataFile<D>) -> Result
     sb.generations = Default::default();
     sb.flags.consistent = false;
     md.write_superblock(&sb)
+}
+
+/// `tandemctl forget-cluster-log` on a stopped replica: the superblock's cluster log and
+/// epoch go back to none and 0, generations, flags and the bitmap stay (the data's
+/// history is the data's); the replica joins its cluster's log at its next start.
+/// Returns what it forgot.
+pub fn forget_cluster_log<D: MetadataDevice>(
+    md: &mut MetadataFile<D>,
+) -> Result<(ClusterLogId, Epoch)> {
+    let mut sb = md.superblock().clone();
+    let before = (sb.cluster_log, sb.epoch);
+    sb.cluster_log = ClusterLogId::NONE;
+    sb.epoch = Epoch(0);
+    md.write_superblock(&sb)?;
+    Ok(before)
 }
 
 /// Is this a metadata action?

@@ -58,7 +58,7 @@ use crate::replication::core::{
 };
 use crate::replication::metadata_io::{self, AfterMetadataFailure};
 use crate::replication::types::{
-    ConnState, DiskState, Epoch, FencingPolicy, NodeId, Protocol, Role, VolumeId,
+    ClusterLogId, ConnState, DiskState, Epoch, FencingPolicy, NodeId, Protocol, Role, VolumeId,
 };
 use crate::replication::wire::Msg;
 use crate::store::metadata::{CreateParams, MetadataFile};
@@ -439,6 +439,9 @@ pub struct SimReport {
     pub large_volumes: u64,
     /// Protocol A failovers after which the new primary's received writes were checked.
     pub received_checked: u64,
+    /// Cluster logs lost and created afresh; a replica's refusal of the new log.
+    pub logs_lost: u64,
+    pub foreign_log_refusals: u64,
 }
 
 /// The simulated world.
@@ -461,7 +464,8 @@ pub struct Sim {
     next_req: u64,
     next_payload: u64,
     next_token: u64,
-    /// The cluster: current epoch and legitimate primary.
+    /// The cluster: the identity of its log, current epoch and legitimate primary.
+    cluster_log: ClusterLogId,
     pub cluster_epoch: u64,
     pub cluster_primary: Option<usize>,
     pub oracle: Oracle,
@@ -502,6 +506,12 @@ pub struct Sim {
     /// whose prefix up to the last one visible on its disk must be there (checked once
     /// nothing of it is in flight).
     received_must_land: Option<(usize, ReceivedWrites)>,
+    /// When the cluster loses its state directory in this run, if it does (one run in
+    /// eight with lifecycle actions): its log starts afresh, under a new identity.
+    log_lost_at: Option<u64>,
+    /// The operator is to run `forget-cluster-log` on the node's replica once its process
+    /// has stopped, and restart it.
+    forget_log: [bool; 2],
     /// Blocks per activity-log extent, and extents in the log.
     extent_blocks: u64,
     al_capacity: u32,
@@ -573,6 +583,7 @@ impl Sim {
             next_req: 1,
             next_payload: 1,
             next_token: 1,
+            cluster_log: ClusterLogId(SimRng::new(seed ^ 0x10_9a11).next_u64() | 1),
             cluster_epoch: 1,
             cluster_primary: None,
             oracle: Oracle::new(cfg.blocks),
@@ -590,6 +601,11 @@ impl Sim {
             flush_links: HashMap::new(),
             promoting: None,
             received: [Vec::new(), Vec::new()],
+            log_lost_at: {
+                let mut pick = SimRng::new(seed ^ 0x5_7a7e);
+                (cfg.lifecycle && pick.chance(12)).then(|| 500 + pick.below(4000))
+            },
+            forget_log: [false; 2],
             received_must_land: None,
             extent_blocks: if large { 2 } else { 16 },
             // Room for a 16 MiB trim in a few dozen pieces on a large volume.
@@ -665,7 +681,9 @@ impl Sim {
     /// epoch 1.
     fn initial_metadata(&self, id: u32) -> (SimMdDevice, MetadataFile<SimMdDevice>) {
         let (dev, mut md) = self.create_metadata(id);
-        let start = MdState::consistent_at(0x1000, Epoch(1));
+        // Created by the cluster: following its log.
+        let mut start = MdState::consistent_at(0x1000, Epoch(1));
+        start.cluster_log = self.cluster_log;
         metadata_io::write(&mut md, &Action::PersistSuperblock(start))
             .unwrap_or_else(|e| panic!("writing the simulated superblock: {e}"));
         (dev, md)
@@ -697,6 +715,18 @@ impl Sim {
     /// Feeds an admin command to a node.
     pub fn admin(&mut self, node: usize, cmd: Admin) {
         self.step_node(node, Event::Admin(cmd));
+    }
+
+    /// What the cluster asks of a replica (`SetEpoch`, `Promote`): first it joins the
+    /// cluster's log, as tandemd's cluster does, and a refusal fails the request (the
+    /// replica follows another log until the operator makes it forget that one).
+    fn cluster_admin(&mut self, node: usize, cmd: Admin) {
+        let mine = self.nodes[node].core.md().cluster_log;
+        self.admin(node, Admin::JoinClusterLog(self.cluster_log));
+        if mine != ClusterLogId::NONE && mine != self.cluster_log {
+            return;
+        }
+        self.admin(node, cmd);
     }
 
     /// Is `node`'s process still working through earlier inputs (a switchover, which
@@ -1034,6 +1064,11 @@ impl Sim {
                 if matches!(notice, Notice::SyncFinished { source: true, .. }) {
                     self.report.resyncs += 1;
                 }
+                if let Notice::Refused { reason } = &notice
+                    && reason.contains("forget-cluster-log")
+                {
+                    self.report.foreign_log_refusals += 1;
+                }
                 if let Notice::SyncStarted { source: false, .. }
                 | Notice::SyncFinished { source: false, .. } = notice
                 {
@@ -1265,6 +1300,14 @@ impl Sim {
         // Its sockets close with it: a connection made while it was stopping (ignored by
         // its core) must not outlive the process (seed 18526: it blocked every later one).
         self.tear_down(Some(node));
+        if self.forget_log[node] {
+            // The operator stopped it to make it forget the lost cluster log: now. The
+            // cluster's primary (stopped cleanly, nothing lost) is promoted again.
+            self.restart(node);
+            if self.cluster_primary == Some(node) && self.primary().is_none() {
+                self.promote(node);
+            }
+        }
     }
 
     /// The node's process is gone (a clean stop or a crash): its requests, buffers and
@@ -1329,8 +1372,8 @@ impl Sim {
         self.cluster_epoch += 1;
         self.cluster_primary = Some(new);
         let epoch = Epoch(self.cluster_epoch);
-        self.admin(old, Admin::SetEpoch(epoch));
-        self.admin(new, Admin::SetEpoch(epoch));
+        self.cluster_admin(old, Admin::SetEpoch(epoch));
+        self.cluster_admin(new, Admin::SetEpoch(epoch));
         self.promote(new);
     }
 
@@ -1598,6 +1641,16 @@ impl Sim {
                     self.report.seed
                 )
             });
+        if self.forget_log[node] {
+            // `tandemctl forget-cluster-log` on the stopped replica.
+            metadata_io::forget_cluster_log(&mut md).unwrap_or_else(|e| {
+                panic!(
+                    "seed {}: node {node}: forget-cluster-log: {e}",
+                    self.report.seed
+                )
+            });
+            self.forget_log[node] = false;
+        }
         if self.nodes[node].failure_recorded {
             // As tandemd's start does: the disk that failed (or its replacement) takes a
             // full sync, and the record goes once that is on the disk.
@@ -1622,7 +1675,7 @@ impl Sim {
             self.admin(node, Admin::Outdate);
         }
         let epoch = Epoch(self.cluster_epoch);
-        self.admin(node, Admin::SetEpoch(epoch));
+        self.cluster_admin(node, Admin::SetEpoch(epoch));
         self.admin(node, Admin::Connect);
     }
 
@@ -1683,11 +1736,11 @@ impl Sim {
                 self.report.step_downs += 1;
                 self.admin(old, Admin::StepDown);
             } else {
-                self.admin(old, Admin::SetEpoch(epoch));
+                self.cluster_admin(old, Admin::SetEpoch(epoch));
             }
         }
         self.held[old] = false;
-        self.admin(new, Admin::SetEpoch(epoch));
+        self.cluster_admin(new, Admin::SetEpoch(epoch));
         self.promote(new);
     }
 
@@ -1695,7 +1748,7 @@ impl Sim {
     /// refuses, on a later tick (`retry_promotion`).
     fn promote(&mut self, node: usize) {
         self.promoting = Some(node);
-        self.admin(node, Admin::Promote { force: false });
+        self.cluster_admin(node, Admin::Promote { force: false });
     }
 
     fn retry_promotion(&mut self) {
@@ -1706,7 +1759,7 @@ impl Sim {
         if self.cluster_primary != Some(node) || !n.up || n.core.role() == Role::Primary {
             self.promoting = None;
         } else if !n.core.is_stopping() && self.now_ms >= self.paused_until[node] {
-            self.admin(node, Admin::Promote { force: false });
+            self.cluster_admin(node, Admin::Promote { force: false });
         }
     }
 
@@ -1970,6 +2023,7 @@ impl Sim {
         self.maybe_connect();
         self.retry_promotion();
         self.check_received_writes_landed();
+        self.maybe_lose_cluster_log();
         if self.in_sync() {
             self.crashed_since_sync = [false; 2];
         }
@@ -1982,6 +2036,47 @@ impl Sim {
                 "seed {} at {} ms, pair quiet and in sync: {e}",
                 self.report.seed, self.now_ms
             );
+        }
+    }
+
+    /// The cluster's state directory is lost and its log created afresh (issue 12, hole
+    /// 10): a new identity, epochs from 1 again. Both replicas must refuse it, naming the
+    /// recovery, and the operator does what the refusal says: stops each replica, runs
+    /// `tandemctl forget-cluster-log` on it and starts it again. No acknowledged write
+    /// may be lost on the way, and the pair must come back in sync.
+    fn maybe_lose_cluster_log(&mut self) {
+        let Some(at) = self.log_lost_at else {
+            return;
+        };
+        if self.now_ms < at
+            || self.healing
+            || !self.in_sync()
+            || self.cluster_primary.is_none()
+            || self.promoting.is_some()
+            || self.held.iter().any(|&h| h)
+            || (0..2).any(|n| !self.nodes[n].up || self.nodes[n].core.is_stopping() || self.busy(n))
+        {
+            return;
+        }
+        self.log_lost_at = None;
+        self.report.logs_lost += 1;
+        let old = self.cluster_log;
+        self.cluster_log = ClusterLogId(self.rng.next_u64() | 1);
+        self.cluster_epoch = 1;
+        tracing::trace!(%old, new = %self.cluster_log, "the cluster's log is created afresh");
+        let _ = old;
+        for n in 0..2 {
+            let followed = self.nodes[n].core.md().cluster_log;
+            self.admin(n, Admin::JoinClusterLog(self.cluster_log));
+            if followed != ClusterLogId::NONE && self.nodes[n].core.md().cluster_log != followed {
+                panic!(
+                    "seed {}: node {n} left cluster log {followed} for the new {} without \
+                     the operator's forget-cluster-log",
+                    self.report.seed, self.cluster_log
+                );
+            }
+            self.forget_log[n] = true;
+            self.admin(n, Admin::Shutdown);
         }
     }
 

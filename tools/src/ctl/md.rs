@@ -20,7 +20,8 @@ macro_rules! say {
 use anyhow::{Context, bail};
 use clap::Args;
 use std::path::PathBuf;
-use tandem::replication::types::{ClusterLogId, Epoch, NodeId, VolumeId};
+use tandem::replication::metadata_io;
+use tandem::replication::types::{NodeId, VolumeId};
 use tandem::store::metadata::{CreateParams, MetadataFile};
 
 /// `tandemctl create-md`.
@@ -120,16 +121,12 @@ pub struct ForgetClusterLogArgs {
     pub json: bool,
 }
 
-/// Runs `forget-cluster-log`: the superblock's cluster log and epoch go back to none
-/// and 0; generations, flags and the bitmap stay (the data's history is the data's).
+/// Runs `forget-cluster-log` ([`metadata_io::forget_cluster_log`], which the
+/// replication simulator runs too).
 pub fn forget_cluster_log(args: ForgetClusterLogArgs) -> anyhow::Result<i32> {
     let mut md = MetadataFile::open(&args.path)
         .with_context(|| format!("reading metadata from {}", args.path.display()))?;
-    let mut sb = md.superblock().clone();
-    let before = (sb.cluster_log, sb.epoch);
-    sb.cluster_log = ClusterLogId::NONE;
-    sb.epoch = Epoch(0);
-    md.write_superblock(&sb)
+    let before = metadata_io::forget_cluster_log(&mut md)
         .with_context(|| format!("writing the superblock of {}", args.path.display()))?;
     if args.json {
         say!(
