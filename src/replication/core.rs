@@ -2304,6 +2304,18 @@ impl Replica {
             self.resync = None;
             self.set_conn(ConnState::Connected, out);
         }
+        // Writes and flushes whose local part no longer counts may be decided now: with
+        // their peer part lost too, they fail (seed 5073: the metadata device failed
+        // after the link did, and a write done on both sides but confirmed on neither
+        // waited for ever).
+        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
+        for req in reqs {
+            self.try_complete_write(req, out);
+        }
+        let flushes: Vec<ReqId> = self.flushes.keys().copied().collect();
+        for req in flushes {
+            self.try_complete_flush(req, out);
+        }
     }
 
     // ----- connection -----
@@ -3587,6 +3599,19 @@ impl Replica {
         if matches!(self.conn, ConnState::SyncTarget | ConnState::WfBitmap) {
             return refuse(
                 "promote refused: a resync into this node is running".into(),
+                out,
+            );
+        }
+        if self.md.flags.cache_lost && !force {
+            // Its process ended uncleanly: the disk cache may have lost writes that were
+            // acknowledged, and its peer may still hold them. Promoted before the
+            // handshake, it would be the source and overwrite them (seed 30410 once the
+            // cluster re-promoted a restarted primary-elect at once).
+            return refuse(
+                "promote refused: this replica's process ended uncleanly, so its disk cache \
+                 may have lost acknowledged writes its peer holds; it can be promoted once it \
+                 is in sync with its peer (or with --force)"
+                    .into(),
                 out,
             );
         }

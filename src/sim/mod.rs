@@ -1304,9 +1304,6 @@ impl Sim {
             // The operator stopped it to make it forget the lost cluster log: now. The
             // cluster's primary (stopped cleanly, nothing lost) is promoted again.
             self.restart(node);
-            if self.cluster_primary == Some(node) && self.primary().is_none() {
-                self.promote(node);
-            }
         }
     }
 
@@ -1677,6 +1674,11 @@ impl Sim {
         let epoch = Epoch(self.cluster_epoch);
         self.cluster_admin(node, Admin::SetEpoch(epoch));
         self.admin(node, Admin::Connect);
+        if self.cluster_primary == Some(node) && self.primary().is_none() {
+            // The cluster's chosen primary is up again: its orchestrator asks it to take
+            // the role (again on every round while it refuses).
+            self.promote(node);
+        }
     }
 
     fn failover(&mut self) {

@@ -443,6 +443,21 @@ fn regression_seeds_stay_fixed() {
              on a barrier after it",
         ),
         (
+            9230,
+            ab[1].clone(),
+            "a restarted replica whose cache was lost was promoted before it had synced \
+             with its peer, and overwrote a write the peer held",
+        ),
+        (
+            5073,
+            SimConfig {
+                checksum_resync: true,
+                ..SimConfig::default()
+            },
+            "the metadata device failed after the link: a write confirmed nowhere waited \
+             for ever",
+        ),
+        (
             10_821,
             ab[1].clone(),
             "a disk that failed under a write only its peer got came back with its old \

@@ -15,8 +15,12 @@ fn persisted(current: u64) -> Persisted {
 }
 
 fn replica(node: u32) -> Replica {
+    replica_fencing(node, FencingPolicy::DontCare)
+}
+
+fn replica_fencing(node: u32, fencing: FencingPolicy) -> Replica {
     let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(node), 1 << 20);
-    cfg.fencing = FencingPolicy::DontCare;
+    cfg.fencing = fencing;
     Replica::new(cfg, persisted(7), u64::from(node)).0
 }
 
@@ -35,8 +39,13 @@ fn peer_msg(msg: Msg) -> Event {
 
 /// Two connected replicas, `a` primary.
 fn connected() -> (Replica, Replica) {
-    let mut a = replica(1);
-    let mut b = replica(2);
+    connected_fencing(FencingPolicy::DontCare)
+}
+
+/// Two connected replicas, `a` primary, with this fencing policy.
+fn connected_fencing(fencing: FencingPolicy) -> (Replica, Replica) {
+    let mut a = replica_fencing(1, fencing);
+    let mut b = replica_fencing(2, fencing);
     a.step(Event::Admin(Admin::Connect));
     b.step(Event::Admin(Admin::Connect));
     a.step(Event::TransportUp);
@@ -780,6 +789,76 @@ fn a_write_landing_on_a_detached_disk_is_no_copy_of_it() {
         }),
         "a write whose only copy landed on a detached disk was acknowledged: {acts:?}"
     );
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
+        "{acts:?}"
+    );
+}
+
+/// A replica whose process ended uncleanly may have lost acknowledged writes from its disk
+/// cache that its peer still holds; promoted before it is in sync with the peer it would
+/// be the source and overwrite them (seed 30410, once the simulated cluster re-promoted
+/// its restarted primary-elect at once, as tandemd's does). Refused until in sync, unless
+/// forced.
+#[test]
+fn a_replica_that_may_have_lost_its_cache_is_promoted_only_once_in_sync_or_forced() {
+    let cfg = || {
+        let mut cfg = ReplicaConfig::new(VolumeId::from_name("t"), NodeId(1), 1 << 20);
+        cfg.fencing = FencingPolicy::DontCare;
+        cfg
+    };
+    let mut after_crash = persisted(7);
+    after_crash.md.flags.open = true;
+    let (mut crashed, _) = Replica::new(cfg(), after_crash.clone(), 1);
+    let acts = crashed.step(Event::Admin(Admin::Promote { force: false }));
+    assert_eq!(crashed.role(), Role::Secondary, "{acts:?}");
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Notify(Notice::Refused { reason })
+            if reason.contains("uncleanly") && reason.contains("--force"))),
+        "{acts:?}"
+    );
+    // The operator may insist.
+    let (mut forced, _) = Replica::new(cfg(), after_crash, 1);
+    forced.step(Event::Admin(Admin::Promote { force: true }));
+    assert_eq!(forced.role(), Role::Primary);
+    // In sync with its peer again, the cluster may promote it.
+    let mut peer = replica(2);
+    for r in [&mut crashed, &mut peer] {
+        r.step(Event::Admin(Admin::Connect));
+        r.step(Event::TransportUp);
+    }
+    let (hc, hp) = (hello_of(&crashed), hello_of(&peer));
+    crashed.step(peer_msg(hp));
+    peer.step(peer_msg(hc));
+    assert_eq!(crashed.conn(), ConnState::Connected);
+    let acts = crashed.step(Event::Admin(Admin::Promote { force: false }));
+    assert_eq!(crashed.role(), Role::Primary, "{acts:?}");
+}
+
+/// The metadata device fails after the link did: a write done locally whose peer part
+/// was lost with the link is decided at once (it fails: no copy counts), not left
+/// pending for ever (seed 5073).
+#[test]
+fn a_write_confirmed_nowhere_fails_when_the_disk_is_detached() {
+    // With fencing, the write waits for the hook once the link is gone.
+    let (mut a, _b) = connected_fencing(FencingPolicy::ResourceAndStonith);
+    let req = ReqId(1);
+    write_sent(&mut a, req, 0);
+    let mut acts = a.step(Event::LocalDone {
+        tag: IoTag::App(req),
+        result: Ok(()),
+        digest: None,
+    });
+    acts.extend(a.step(Event::TransportDown {
+        reason: "test".into(),
+    }));
+    acts.extend(a.step(Event::MetadataFailed {
+        reason: "test: the metadata device died".into(),
+    }));
+    a.check_invariants()
+        .expect("nothing left pending that can never complete");
     assert!(
         acts.iter()
             .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
