@@ -443,6 +443,12 @@ fn regression_seeds_stay_fixed() {
              on a barrier after it",
         ),
         (
+            11_072,
+            ab[0].clone(),
+            "(the model) a deposed protocol A primary's late acknowledgement raised the floor \
+             its replacement's copy had already reset",
+        ),
+        (
             9230,
             ab[1].clone(),
             "a restarted replica whose cache was lost was promoted before it had synced \
