@@ -2308,14 +2308,7 @@ impl Replica {
         // their peer part lost too, they fail (seed 5073: the metadata device failed
         // after the link did, and a write done on both sides but confirmed on neither
         // waited for ever).
-        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
-        for req in reqs {
-            self.try_complete_write(req, out);
-        }
-        let flushes: Vec<ReqId> = self.flushes.keys().copied().collect();
-        for req in flushes {
-            self.try_complete_flush(req, out);
-        }
+        self.retry_completions(out);
     }
 
     // ----- connection -----

@@ -1074,14 +1074,7 @@ impl Sim {
                 {
                     // Resync data is no replicated write, and what a target held before
                     // its resync is overwritten where it differed.
-                    self.received[node].clear();
-                    if self
-                        .received_must_land
-                        .as_ref()
-                        .is_some_and(|(n, _)| *n == node)
-                    {
-                        self.received_must_land = None;
-                    }
+                    self.forget_received(node);
                 }
                 if matches!(notice, Notice::SplitBrain { .. }) {
                     panic!(
@@ -1331,6 +1324,12 @@ impl Sim {
         n.md_busy = false;
         self.pending_app.retain(|_, (owner, _)| *owner != node);
         self.oracle.node_crashed(node);
+        self.forget_received(node);
+    }
+
+    /// Protocol A: what `node` received no longer has to land (its process ended, or a
+    /// resync overwrites it).
+    fn forget_received(&mut self, node: usize) {
         self.received[node].clear();
         if self
             .received_must_land

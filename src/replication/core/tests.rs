@@ -748,12 +748,17 @@ fn a_write_whose_only_copy_was_on_a_failed_disk_is_not_acknowledged() {
     acts.extend(a.step(Event::TransportDown {
         reason: "test".into(),
     }));
+    assert_failed_not_acknowledged(&acts, req, "a write whose only copy was on a dead disk");
+}
+
+/// `req` failed and was not acknowledged.
+fn assert_failed_not_acknowledged(acts: &[Action], req: ReqId, what: &str) {
     assert!(
         !acts.contains(&Action::Complete {
             req,
             result: Ok(None)
         }),
-        "a write whose only copy was on a dead disk was acknowledged: {acts:?}"
+        "{what} was acknowledged: {acts:?}"
     );
     assert!(
         acts.iter()
@@ -782,17 +787,10 @@ fn a_write_landing_on_a_detached_disk_is_no_copy_of_it() {
         result: Ok(()),
         digest: None,
     }));
-    assert!(
-        !acts.contains(&Action::Complete {
-            req,
-            result: Ok(None)
-        }),
-        "a write whose only copy landed on a detached disk was acknowledged: {acts:?}"
-    );
-    assert!(
-        acts.iter()
-            .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
-        "{acts:?}"
+    assert_failed_not_acknowledged(
+        &acts,
+        req,
+        "a write whose only copy landed on a detached disk",
     );
 }
 
@@ -859,11 +857,7 @@ fn a_write_confirmed_nowhere_fails_when_the_disk_is_detached() {
     }));
     a.check_invariants()
         .expect("nothing left pending that can never complete");
-    assert!(
-        acts.iter()
-            .any(|x| matches!(x, Action::Complete { req: r, result: Err(_) } if *r == req)),
-        "{acts:?}"
-    );
+    assert_failed_not_acknowledged(&acts, req, "a write confirmed nowhere");
 }
 
 /// A node cannot tell which writes its disk cache lost in a power loss; only its peer's
