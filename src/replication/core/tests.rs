@@ -704,8 +704,8 @@ fn write_received(a: &mut Replica, b: &mut Replica, block: u64) -> (Vec<Action>,
     (acts, tag)
 }
 
-/// Hole (found by the simulator once metadata writes could fail, seed 9477 of
-/// `protocols_a_and_b_converge`): a diskless primary's write reached the peer, the link
+/// Hole (found by the simulator once metadata writes could fail, seed 9477 of the protocol
+/// A and B runs): a diskless primary's write reached the peer, the link
 /// broke while it landed there, and the peer no longer recorded it — the primary's disk
 /// came back as it was, took a bitmap resync, and kept stale blocks. The peer records
 /// it by where it came from, not by the state of the link when it lands.
