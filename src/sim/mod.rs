@@ -2054,14 +2054,7 @@ impl Sim {
         let Some(at) = self.log_lost_at else {
             return;
         };
-        if self.now_ms < at
-            || self.healing
-            || !self.in_sync()
-            || self.cluster_primary.is_none()
-            || self.promoting.is_some()
-            || self.held.iter().any(|&h| h)
-            || (0..2).any(|n| !self.nodes[n].up || self.nodes[n].core.is_stopping() || self.busy(n))
-        {
+        if self.now_ms < at || self.healing || self.cluster_primary.is_none() {
             return;
         }
         self.log_lost_at = None;
@@ -2070,19 +2063,28 @@ impl Sim {
         self.cluster_log = ClusterLogId(self.rng.next_u64() | 1);
         self.cluster_epoch = 1;
         tracing::trace!(%old, new = %self.cluster_log, "the cluster's log is created afresh");
-        let _ = old;
         for n in 0..2 {
+            // A node that is down forgets at its next start (`restart`).
+            self.forget_log[n] = true;
+            if !self.nodes[n].up {
+                continue;
+            }
             let followed = self.nodes[n].core.md().cluster_log;
+            let idle = !self.busy(n) && self.now_ms >= self.paused_until[n];
             self.admin(n, Admin::JoinClusterLog(self.cluster_log));
-            if followed != ClusterLogId::NONE && self.nodes[n].core.md().cluster_log != followed {
+            if idle
+                && followed != ClusterLogId::NONE
+                && self.nodes[n].core.md().cluster_log != followed
+            {
                 panic!(
                     "seed {}: node {n} left cluster log {followed} for the new {} without \
                      the operator's forget-cluster-log",
                     self.report.seed, self.cluster_log
                 );
             }
-            self.forget_log[n] = true;
-            self.admin(n, Admin::Shutdown);
+            if !self.nodes[n].core.is_stopping() {
+                self.admin(n, Admin::Shutdown);
+            }
         }
     }
 

@@ -54,6 +54,8 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
         total.torn_metadata += report.torn_metadata;
         total.large_volumes += report.large_volumes;
         total.received_checked += report.received_checked;
+        total.logs_lost += report.logs_lost;
+        total.foreign_log_refusals += report.foreign_log_refusals;
         total.failed_metadata += report.failed_metadata;
         runs_done += 1;
     }
@@ -88,6 +90,11 @@ fn runs(base: u64, count: u64, cfg: &SimConfig) -> SimReport {
     // Protocol A: failovers check that the new primary's received writes all landed.
     assert!(
         cfg.protocol != Protocol::A || runs_done < 64 || total.received_checked > 0,
+        "{total:?}"
+    );
+    // The cluster's log is lost now and then, and the replicas refuse the new one.
+    assert!(
+        !cfg.lifecycle || runs_done < 200 || total.logs_lost > 0 && total.foreign_log_refusals > 0,
         "{total:?}"
     );
     // Some volumes have 16k extents and more.
