@@ -15,6 +15,7 @@ pub mod dlm;
 pub mod fencing;
 pub mod metrics;
 pub mod node;
+pub mod node_core;
 pub mod orchestrator;
 pub mod peers;
 pub mod raft;

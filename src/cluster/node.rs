@@ -1,33 +1,34 @@
-//! One cluster node: the async shell around the pure cores.
+//! One cluster node: the async runner around the pure cores.
 //!
 //! ```text
-//!   listener ── handshake ──► membership: heartbeats → detector, raft RPCs → openraft
+//!   listener ── handshake ──► membership: heartbeats → NodeCore, raft RPCs → openraft
 //!                            replication/<volume>, dlm: handed to their acceptors
-//!   tick (every heartbeat) ──► heartbeats out; leader: leader_decisions → propose
-//!                              everyone: local_actions → volume drivers, resources, fencing
+//!   tick (every heartbeat) ──► NodeCore::step(Tick) → heartbeats out, rounds started
+//!   NodeCore's operations ──► carried out here (proposals, drivers, resources,
+//!                             fencing), each result fed back as Input::Done
 //!   state machine ──► watch<ClusterState> + applied entries → events
 //! ```
 //!
-//! The shell decides nothing: it feeds time, heartbeats and reports to the cores and
-//! carries out what they return, feeding results back as the next tick's view.
+//! The runner decides nothing: every branch on membership, quorum, replica state, time
+//! or a result is in [`NodeCore`]; this file feeds it time, heartbeats, the log and
+//! results, and carries out what it returns.
 
 use super::config::{Config, NodeRole};
-use super::detector::Detector;
-use super::orchestrator::{self, LeaderView, LocalAction, LocalView, NodeReport, ReplicaReport};
+use super::node_core::{Action, CoreConfig, Input, NodeCore, Now, Op, OpResult};
+use super::orchestrator::ReplicaReport;
 use super::peers::{Heartbeat, Inbound, Peers, serve_inbound};
 use super::raft::network::{Network, RaftReply, RaftRpc};
 use super::raft::store::{LogStore, StateMachine};
 use super::raft::{Proposal, Raft};
-use super::state::{ClusterState, Command, FenceLogEntry, FenceMethod, Outcome};
+use super::state::{ClusterState, Command, Outcome};
 use super::status::{ClusterStatus, Event, EventKind, NodeStatus, ReplicaStatus, VolumeStatus};
 use super::transport::{Channel, Credentials, server_handshake};
 use super::types::{Epoch, Incarnation, Millis, NodeId};
-use super::volume::{BoxFuture, OutdatePeer, VolumeAction, VolumeDriver};
+use super::volume::{BoxFuture, OutdatePeer, VolumeDriver};
 use crate::replication::types::ClusterLogId;
 use openraft::BasicNode;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
@@ -103,25 +104,17 @@ struct Inner {
     config: Config,
     me: NodeId,
     name: String,
-    /// This life; bumped when the cluster ends it (see `LocalAction::Rejoin`).
-    incarnation: AtomicU64,
     state_dir: PathBuf,
     started: Instant,
     raft: Raft,
     peers: Arc<Peers>,
     state: watch::Receiver<Arc<ClusterState>>,
-    detector: Mutex<Detector>,
-    reports: Mutex<BTreeMap<NodeId, NodeReport>>,
+    /// Every decision; locked only for a step, never across an await.
+    core: Mutex<NodeCore>,
     drivers: BTreeMap<String, Arc<dyn VolumeDriver>>,
     fencer: Option<Arc<dyn Fencer>>,
-    resources_running: Mutex<BTreeSet<String>>,
-    fencing: Mutex<BTreeSet<String>>,
-    evidence: Mutex<orchestrator::ResyncEvidence>,
-    fence_operations: AtomicU64,
     events: broadcast::Sender<Event>,
     acceptors: Mutex<BTreeMap<Channel, mpsc::Sender<Accepted>>>,
-    acting: AtomicBool,
-    deciding: AtomicBool,
     stopping: watch::Sender<bool>,
 }
 
@@ -136,10 +129,7 @@ impl std::fmt::Debug for Node {
         f.debug_struct("Node")
             .field("name", &self.inner.name)
             .field("id", &self.inner.me)
-            .field(
-                "incarnation",
-                &self.inner.incarnation.load(Ordering::Relaxed),
-            )
+            .field("incarnation", &self.incarnation())
             .finish()
     }
 }
@@ -263,13 +253,46 @@ impl Node {
             }
         }
 
-        let members: Vec<NodeId> = config.nodes.iter().map(|n| n.id).collect();
-        let detector = Detector::new(
+        let core_config = CoreConfig {
             me,
-            &members,
-            Millis(0),
-            config.cluster.failure_timeout_ms,
-            config.cluster.quorum_lease_ms,
+            incarnation,
+            members: config.nodes.iter().map(|n| n.id).collect(),
+            volumes: config
+                .volumes
+                .iter()
+                .map(|v| {
+                    let replicas = v
+                        .nodes
+                        .iter()
+                        .filter_map(|n| config.node_by_name(n))
+                        .map(|n| n.id)
+                        .collect();
+                    (v.name.clone(), replicas)
+                })
+                .collect(),
+            local_volumes: drivers.keys().cloned().collect(),
+            shared: config
+                .volumes
+                .iter()
+                .filter(|v| {
+                    v.on_node(&node)
+                        .is_some_and(|o| !o.shared_devices.is_empty())
+                })
+                .map(|v| v.name.clone())
+                .collect(),
+            has_fencer: fencer.is_some(),
+            failure_timeout_ms: config.cluster.failure_timeout_ms,
+            quorum_lease_ms: config.cluster.quorum_lease_ms,
+            fresh_log_id: ClusterLogId(rand::random::<u64>() | 1),
+        };
+        let started = Instant::now();
+        let core = NodeCore::new(
+            core_config,
+            Now {
+                mono: Millis(0),
+                wall: Millis(wall_ms()),
+            },
+            state.borrow().clone(),
         );
         let (events, _) = broadcast::channel(4096);
         let (stopping, _) = watch::channel(false);
@@ -277,35 +300,22 @@ impl Node {
             config,
             me,
             name: node,
-            incarnation: AtomicU64::new(incarnation.0),
             state_dir: dir.clone(),
-            started: Instant::now(),
+            started,
             raft,
             peers,
             state,
-            detector: Mutex::new(detector),
-            reports: Mutex::default(),
+            core: Mutex::new(core),
             drivers,
             fencer,
-            resources_running: Mutex::default(),
-            fencing: Mutex::default(),
-            evidence: Mutex::default(),
-            fence_operations: AtomicU64::new(0),
             events,
             acceptors: Mutex::default(),
-            acting: AtomicBool::new(false),
-            deciding: AtomicBool::new(false),
             stopping,
         });
         let node = Node { inner };
-        if let Some(fencer) = &node.inner.fencer {
-            // Register this life's key on the shared devices before joining: a node that
-            // cannot write to them must not become their primary.
-            if let Err(e) = fencer.unfence(incarnation).await {
-                tracing::error!(error = %e, "unfencing failed; shared volumes will not run here");
-            }
-        }
-        node.event(EventKind::Started { incarnation });
+        // Registers this life's key on the shared devices before anything runs.
+        let starting = node.step(Input::Start);
+        node.settle(starting).await;
         tracing::info!(node = %node.inner.name, node_id = %me, %incarnation, "node started");
 
         tokio::spawn(node.clone().accept_loop(listener));
@@ -335,7 +345,7 @@ impl Node {
 
     /// This life's incarnation.
     pub fn incarnation(&self) -> Incarnation {
-        Incarnation(self.inner.incarnation.load(Ordering::Acquire))
+        locked(&self.inner.core).incarnation()
     }
 
     /// The configuration.
@@ -379,6 +389,69 @@ impl Node {
         Millis(u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
+    /// Feeds one input to the core, with the log as this node has applied it now.
+    fn step(&self, input: Input) -> Vec<Action> {
+        let now = Now {
+            mono: self.now(),
+            wall: Millis(wall_ms()),
+        };
+        let state = self.state();
+        let mut core = locked(&self.inner.core);
+        core.step(now, Input::Log(state));
+        core.step(now, input)
+    }
+
+    /// Carries out the core's actions; operations run as tasks that feed their results
+    /// back.
+    fn dispatch(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Perform { op, what } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let result = node.perform(what).await;
+                        let next = node.step(Input::Done { op, result });
+                        node.dispatch(next);
+                    });
+                }
+                other => self.immediate(other),
+            }
+        }
+    }
+
+    /// Carries out the core's actions and awaits every operation they lead to, in order
+    /// (start, orderly stop, a lost reservation: nothing else may run first).
+    async fn settle(&self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Perform { op, what } => {
+                    let result = self.perform(what).await;
+                    queue.extend(self.step(Input::Done { op, result }));
+                }
+                other => self.immediate(other),
+            }
+        }
+    }
+
+    fn immediate(&self, action: Action) {
+        match action {
+            Action::Heartbeat(heartbeat) => {
+                for peer in self
+                    .inner
+                    .config
+                    .nodes
+                    .iter()
+                    .filter(|n| n.id != self.inner.me)
+                {
+                    self.inner.peers.heartbeat(peer.id, heartbeat.clone());
+                }
+            }
+            Action::Emit(kind) => self.event(kind),
+            Action::Perform { .. } => {}
+        }
+    }
+
     fn event(&self, kind: EventKind) {
         let _ = self.inner.events.send(Event {
             at_ms: wall_ms(),
@@ -400,7 +473,7 @@ impl Node {
     /// Whether this node hears a majority now.
     pub fn is_quorate(&self) -> bool {
         let now = self.now();
-        locked(&self.inner.detector).quorate(now)
+        locked(&self.inner.core).is_quorate(now)
     }
 
     /// Proposes a command to the cluster log (through the leader) and returns its outcome.
@@ -506,35 +579,13 @@ impl Node {
         }
     }
 
-    /// The last report of every node still heard within the failure timeout (a silent
-    /// node's last report is history, not state).
-    fn fresh_peer_reports(&self) -> BTreeMap<NodeId, NodeReport> {
-        let alive = locked(&self.inner.detector).alive(self.now());
-        locked(&self.inner.reports)
-            .iter()
-            .filter(|(id, _)| alive.contains(id))
-            .map(|(id, r)| (*id, r.clone()))
-            .collect()
-    }
-
-    /// This node's report: its replicas and their resources.
-    fn report(&self) -> NodeReport {
-        let running = locked(&self.inner.resources_running).clone();
-        let volumes = self
-            .inner
+    /// The local replicas' current (cached) reports.
+    fn local_reports(&self) -> BTreeMap<String, ReplicaReport> {
+        self.inner
             .drivers
             .iter()
-            .map(|(name, driver)| {
-                let mut report = driver.report();
-                report.resources_running = running.contains(name);
-                (name.clone(), report)
-            })
-            .collect();
-        NodeReport {
-            incarnation: self.incarnation(),
-            quorate: self.is_quorate(),
-            volumes,
-        }
+            .map(|(name, driver)| (name.clone(), driver.report()))
+            .collect()
     }
 
     async fn tick_loop(self) {
@@ -542,217 +593,26 @@ impl Node {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = self.inner.stopping.subscribe();
-        let mut last_alive = BTreeSet::new();
-        let mut last_quorate = None;
-        let mut last_leader = None;
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = stopping.wait_for(|&stopped| stopped) => return,
             }
-            self.tick(&mut last_alive, &mut last_quorate, &mut last_leader);
-        }
-    }
-
-    fn tick(
-        &self,
-        last_alive: &mut BTreeSet<NodeId>,
-        last_quorate: &mut Option<bool>,
-        last_leader: &mut Option<Option<NodeId>>,
-    ) {
-        let now = self.now();
-        let report = self.report();
-        for peer in self
-            .inner
-            .config
-            .nodes
-            .iter()
-            .filter(|n| n.id != self.inner.me)
-        {
-            self.inner.peers.heartbeat(
-                peer.id,
-                Heartbeat {
-                    from: self.inner.me,
-                    incarnation: self.incarnation(),
-                    report: report.clone(),
-                },
-            );
-        }
-        locked(&self.inner.reports).insert(self.inner.me, report);
-        let (alive, dead, quorate) = {
-            let d = locked(&self.inner.detector);
-            (d.alive(now), d.dead(now), d.quorate(now))
-        };
-        for peer in alive.difference(last_alive) {
-            self.event(EventKind::PeerAlive { peer: *peer });
-        }
-        for peer in last_alive.difference(&alive) {
-            let silence_ms = locked(&self.inner.detector)
-                .silence_ms(*peer, now)
-                .unwrap_or(0);
-            self.event(EventKind::PeerSilent {
-                peer: *peer,
-                silence_ms,
+            let actions = self.step(Input::Tick {
+                leader: self.leader(),
+                local: self.local_reports(),
             });
-        }
-        *last_alive = alive.clone();
-        if *last_quorate != Some(quorate) {
-            self.event(EventKind::Quorum { quorate });
-            *last_quorate = Some(quorate);
-        }
-        let leader = self.leader();
-        if *last_leader != Some(leader) {
-            self.event(EventKind::Leader { leader });
-            *last_leader = Some(leader);
-        }
-        if leader == Some(self.inner.me) && !self.inner.deciding.swap(true, Ordering::AcqRel) {
-            let node = self.clone();
-            tokio::spawn(async move {
-                node.lead(alive, dead).await;
-                node.inner.deciding.store(false, Ordering::Release);
-            });
-        }
-        if !self.inner.acting.swap(true, Ordering::AcqRel) {
-            let node = self.clone();
-            tokio::spawn(async move {
-                node.act(quorate).await;
-                node.inner.acting.store(false, Ordering::Release);
-            });
+            self.dispatch(actions);
         }
     }
 
-    /// The leader's part: configure, then the orchestrator's decisions.
-    async fn lead(&self, alive: BTreeSet<NodeId>, dead: BTreeSet<NodeId>) {
-        let state = self.state();
-        let config = &self.inner.config;
-        let configured = config
-            .nodes
-            .iter()
-            .all(|n| state.members.contains_key(&n.id))
-            && config
-                .volumes
-                .iter()
-                .all(|v| state.volumes.contains_key(&v.name));
-        if !configured {
-            let volumes = config
-                .volumes
-                .iter()
-                .map(|v| {
-                    let replicas = v
-                        .nodes
-                        .iter()
-                        .filter_map(|n| config.node_by_name(n))
-                        .map(|n| n.id)
-                        .collect();
-                    (v.name.clone(), replicas)
-                })
-                .collect();
-            let command = Command::Configure {
-                members: config.nodes.iter().map(|n| n.id).collect(),
-                volumes,
-                // Used only if the log has no identity yet (its first entry).
-                log_id: ClusterLogId(rand::random::<u64>() | 1),
-            };
-            if let Err(e) = self.propose(command).await {
-                tracing::debug!(error = %e, "configuring the cluster log failed; will retry");
-            }
-            return;
-        }
-        let reports = self.fresh_peer_reports();
-        let decisions = orchestrator::leader_decisions(LeaderView {
-            now: self.now(),
-            state: &state,
-            alive: &alive,
-            dead: &dead,
-            reports: &reports,
-        });
-        for command in decisions {
-            let proposed =
-                warn_while_waiting(|| format!("{command:?}"), self.propose(command.clone())).await;
-            match proposed {
-                Ok(Outcome::Applied) => tracing::info!(?command, "leader decision applied"),
-                Ok(Outcome::Rejected { reason }) => {
-                    tracing::debug!(?command, %reason, "leader decision rejected")
-                }
-                Err(e) => {
-                    tracing::warn!(?command, error = %e, "leader decision not committed");
-                    break;
-                }
-            }
-        }
+    /// Carries out one operation of the core, warning while it takes long.
+    async fn perform(&self, what: Op) -> OpResult {
+        let described = format!("{what:?}");
+        warn_while_waiting(|| described.clone(), self.perform_now(what)).await
     }
 
-    /// This node's part: the orchestrator's local actions, in order.
-    async fn act(&self, quorate: bool) {
-        // The state first, then the replicas read fresh: a replica's view taken after
-        // the log's state is never older than it.
-        let state = self.state();
-        let mut replicas: BTreeMap<String, ReplicaReport> = BTreeMap::new();
-        let running = locked(&self.inner.resources_running).clone();
-        for (name, driver) in &self.inner.drivers {
-            let mut report = warn_while_waiting(
-                || format!("the report of volume {name}"),
-                driver.fresh_report(),
-            )
-            .await;
-            report.resources_running = running.contains(name);
-            replicas.insert(name.clone(), report);
-        }
-        let reports = self.fresh_peer_reports();
-        let shared: BTreeSet<String> = self
-            .inner
-            .config
-            .volumes
-            .iter()
-            .filter(|v| {
-                v.on_node(&self.inner.name)
-                    .is_some_and(|o| !o.shared_devices.is_empty())
-            })
-            .map(|v| v.name.clone())
-            .collect();
-        let fencing = locked(&self.inner.fencing).clone();
-        let resynced = locked(&self.inner.evidence).observe(&state, &replicas);
-        let actions = orchestrator::local_actions(LocalView {
-            me: self.inner.me,
-            incarnation: self.incarnation(),
-            now: self.now(),
-            quorate,
-            state: &state,
-            replicas: &replicas,
-            reports: &reports,
-            shared: &shared,
-            fencing: &fencing,
-            resynced: &resynced,
-        });
-        for action in actions {
-            if let LocalAction::Propose {
-                command: Command::UpToDate { volume, .. },
-            } = &action
-            {
-                tracing::info!(%volume, replica = ?replicas.get(volume), "proposing that the peer is UpToDate again");
-            }
-            let result =
-                warn_while_waiting(|| format!("{action:?}"), self.carry_out(&action)).await;
-            let quiet = matches!(
-                action,
-                LocalAction::Propose {
-                    command: Command::Join { .. }
-                }
-            ) && result.is_err();
-            if !quiet || result.is_ok() {
-                self.event(EventKind::Action {
-                    action: action.clone(),
-                    error: result.clone().err(),
-                });
-            }
-            if let Err(e) = result {
-                tracing::warn!(?action, error = %e, "local action failed");
-                break;
-            }
-        }
-    }
-
-    async fn carry_out(&self, action: &LocalAction) -> Result<(), String> {
+    async fn perform_now(&self, what: Op) -> OpResult {
         let driver = |volume: &str| {
             self.inner
                 .drivers
@@ -760,79 +620,60 @@ impl Node {
                 .cloned()
                 .ok_or_else(|| format!("no local replica of {volume}"))
         };
-        match action {
-            LocalAction::Propose { command } => match self.propose(command.clone()).await {
-                Ok(Outcome::Applied) => Ok(()),
-                Ok(Outcome::Rejected { reason }) => Err(format!("rejected: {reason}")),
-                Err(e) => Err(e.to_string()),
-            },
-            LocalAction::PromoteReplica {
-                volume,
-                epoch,
-                force,
-            } => {
-                driver(volume)?
-                    .apply(VolumeAction::Promote {
-                        epoch: *epoch,
-                        force: *force,
-                        log: self.state().log_id,
-                    })
-                    .await
+        match what {
+            Op::ReadReplicas => {
+                let mut replicas = BTreeMap::new();
+                for (name, driver) in &self.inner.drivers {
+                    replicas.insert(name.clone(), driver.fresh_report().await);
+                }
+                OpResult::Replicas(replicas)
             }
-            LocalAction::DemoteReplica { volume } => {
-                driver(volume)?.apply(VolumeAction::Demote).await
+            Op::Propose(command) => {
+                OpResult::Proposed(self.propose(command).await.map_err(|e| e.to_string()))
             }
-            LocalAction::SetEpoch { volume, epoch } => {
-                driver(volume)?
-                    .apply(VolumeAction::SetEpoch {
-                        epoch: *epoch,
-                        log: self.state().log_id,
-                    })
-                    .await
+            Op::Replica { volume, action } => OpResult::Done(match driver(&volume) {
+                Ok(driver) => driver.apply(action).await,
+                Err(e) => Err(e),
+            }),
+            Op::StartResources { volume } => {
+                let resources = self.resources_of(&volume);
+                OpResult::Done(
+                    tokio::task::spawn_blocking(move || crate::resources::start_all(&resources))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                )
             }
-            LocalAction::Suspend { volume } => driver(volume)?.apply(VolumeAction::Suspend).await,
-            LocalAction::Resume { volume } => driver(volume)?.apply(VolumeAction::Resume).await,
-            LocalAction::StepDown { volume } => driver(volume)?.apply(VolumeAction::StepDown).await,
-            LocalAction::StartResources { volume } => {
-                let resources = self.resources_of(volume);
-                tokio::task::spawn_blocking(move || crate::resources::start_all(&resources))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                locked(&self.inner.resources_running).insert(volume.clone());
-                Ok(())
-            }
-            LocalAction::StopResources { volume } => {
-                let resources = self.resources_of(volume);
-                let result =
+            Op::StopResources { volume } => {
+                let resources = self.resources_of(&volume);
+                OpResult::Done(
                     tokio::task::spawn_blocking(move || crate::resources::stop_all(&resources))
                         .await
-                        .map_err(|e| e.to_string())?;
-                locked(&self.inner.resources_running).remove(volume);
-                result.map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                )
             }
-            LocalAction::Rejoin => {
-                let dir = self.inner.state_dir.clone();
-                let next = tokio::task::spawn_blocking(move || next_incarnation(&dir))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("cannot store a new incarnation: {e}"))?;
-                self.inner.incarnation.store(next.0, Ordering::Release);
-                tracing::warn!(incarnation = %next, "the cluster ended this node's life; rejoining as a new incarnation");
-                if let Some(fencer) = &self.inner.fencer {
-                    fencer.unfence(next).await?;
-                }
-                Ok(())
-            }
-            LocalAction::Fence {
+            Op::FenceReservation {
                 volume,
                 victim,
-                victim_incarnation,
-                reservation,
-            } => {
-                self.fence(volume, *victim, *victim_incarnation, *reservation)
-                    .await
+                incarnation,
+            } => OpResult::Fenced(match &self.inner.fencer {
+                Some(fencer) => fencer.fence(&volume, victim, incarnation).await,
+                None => Err("volume has shared devices but this node has no fencer".to_owned()),
+            }),
+            Op::NewIncarnation => {
+                let dir = self.inner.state_dir.clone();
+                OpResult::Incarnation(
+                    tokio::task::spawn_blocking(move || next_incarnation(&dir))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string())),
+                )
             }
+            Op::Unfence { incarnation } => OpResult::Done(match &self.inner.fencer {
+                Some(fencer) => fencer.unfence(incarnation).await,
+                None => Ok(()),
+            }),
         }
     }
 
@@ -844,73 +685,22 @@ impl Node {
             .unwrap_or_default()
     }
 
-    async fn fence(
-        &self,
-        volume: &str,
-        victim: NodeId,
-        incarnation: Incarnation,
-        reservation: bool,
-    ) -> Result<(), String> {
-        locked(&self.inner.fencing).insert(volume.to_owned());
-        let result = async {
-            let method = if reservation {
-                let fencer = self
-                    .inner
-                    .fencer
-                    .clone()
-                    .ok_or("volume has shared devices but this node has no fencer")?;
-                self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%volume, %victim, %incarnation, "fencing with reservations");
-                // A stuck target is a failed fence, reported and retried, never a hang.
-                let limit = Duration::from_secs(60);
-                let detail = tokio::time::timeout(limit, fencer.fence(volume, victim, incarnation))
-                    .await
-                    .map_err(|_| {
-                        format!("fencing {victim} on {volume} did not finish in {limit:?}")
-                    })??;
-                tracing::info!(%volume, %victim, %detail, "fenced");
-                FenceMethod::Reservation { detail }
-            } else {
-                self.inner.fence_operations.fetch_add(1, Ordering::Relaxed);
-                FenceMethod::Epoch
-            };
-            let volume_epoch = self
-                .state()
-                .volumes
-                .get(volume)
-                .map(|v| v.epoch)
-                .unwrap_or_default();
-            let entry = FenceLogEntry {
-                volume: volume.to_owned(),
-                victim,
-                victim_incarnation: incarnation,
-                by: self.inner.me,
-                method,
-                at: Millis(wall_ms()),
-                volume_epoch,
-            };
-            match self.propose(Command::Fenced { entry }).await {
-                Ok(Outcome::Applied) => Ok(()),
-                Ok(Outcome::Rejected { reason }) => {
-                    Err(format!("fencing record rejected: {reason}"))
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        .await;
-        locked(&self.inner.fencing).remove(volume);
-        result
-    }
-
     /// A status snapshot of the whole cluster as this node sees it.
     pub fn status(&self) -> ClusterStatus {
         let now = self.now();
         let state = self.state();
         let config = &self.inner.config;
         let leader = self.leader();
-        let detector = locked(&self.inner.detector).clone();
+        let (detector, reports, incarnation, fence_operations) = {
+            let core = locked(&self.inner.core);
+            (
+                core.detector().clone(),
+                core.reports().clone(),
+                core.incarnation(),
+                core.fence_operations(),
+            )
+        };
         let alive = detector.alive(now);
-        let reports = locked(&self.inner.reports).clone();
         let name_of = |id: NodeId| {
             config
                 .node(id)
@@ -971,7 +761,7 @@ impl Node {
             cluster: config.cluster.name.clone(),
             node: self.inner.name.clone(),
             node_id: self.inner.me,
-            incarnation: self.incarnation(),
+            incarnation,
             leader: leader.map(name_of),
             quorate: detector.quorate(now),
             membership_epoch: state.epoch,
@@ -980,7 +770,7 @@ impl Node {
             fencing: state.fencing.iter().cloned().collect(),
             failovers: state.failovers,
             switchovers: state.switchovers,
-            fence_operations: self.inner.fence_operations.load(Ordering::Relaxed),
+            fence_operations,
         }
     }
 
@@ -999,69 +789,40 @@ impl Node {
 
     /// Orderly shutdown: stop resources, demote, leave the cluster, stop the loops.
     pub async fn shutdown(&self) {
-        self.event(EventKind::Stopping);
-        // No more automatic actions from here on.
-        self.inner.acting.store(true, Ordering::Release);
-        let state = self.state();
-        for (name, driver) in &self.inner.drivers {
-            let primary = state.volumes.get(name).and_then(|v| v.primary) == Some(self.inner.me);
-            let _ = self
-                .carry_out(&LocalAction::StopResources {
-                    volume: name.clone(),
-                })
-                .await;
-            if (primary || driver.report().role == orchestrator::ReplicaRole::Primary)
-                && let Err(e) = driver.apply(VolumeAction::Demote).await
-            {
-                tracing::warn!(volume = %name, error = %e, "demote on shutdown failed");
-            }
-        }
-        let leave = Command::Leave {
-            node: self.inner.me,
-            incarnation: self.incarnation(),
-        };
-        if let Err(e) = self.propose(leave).await {
-            tracing::warn!(error = %e, "could not record leaving the cluster; peers will time out");
-        }
-        let _ = self.inner.stopping.send(true);
-        self.inner.peers.stop();
-        let _ = self.inner.raft.shutdown().await;
+        let stopping = self.step(Input::Stop {
+            local: self.local_reports(),
+        });
+        self.settle(stopping).await;
+        self.stop_loops().await;
     }
 
     /// This primary is about to ask for its peer of `volume` to be outdated; its replica
     /// has counted `peer_uptodate_events` so far (evidence bookkeeping, see
-    /// [`orchestrator::ResyncEvidence`]).
+    /// [`super::orchestrator::ResyncEvidence`]).
     pub fn note_outdating(&self, volume: &str, peer_uptodate_events: u64) {
-        locked(&self.inner.evidence).note_outdating(volume, peer_uptodate_events);
+        self.step(Input::NoteOutdating {
+            volume: volume.to_owned(),
+            peer_uptodate_events,
+        });
     }
 
     /// This node's reservation key is gone from `volume`'s shared devices: it has been
     /// fenced. Stop writing there at once; the cluster log decides what comes next.
     pub async fn lost_reservation(&self, volume: &str) {
-        tracing::error!(%volume, "own reservation key is gone: this node was fenced; stopping I/O");
-        // Step down first (held or in-flight writes fail, never acknowledged), so that
-        // stopping the resources (an unmount) cannot wait on I/O that will never finish.
-        for action in [
-            LocalAction::StepDown {
-                volume: volume.to_owned(),
-            },
-            LocalAction::StopResources {
-                volume: volume.to_owned(),
-            },
-        ] {
-            let result = self.carry_out(&action).await;
-            self.event(EventKind::Action {
-                action,
-                error: result.err(),
-            });
-        }
+        let actions = self.step(Input::ReservationLost {
+            volume: volume.to_owned(),
+        });
+        self.settle(actions).await;
     }
 
     /// Stops this node abruptly, as a crash would: no demotion, no goodbye. Peers find
     /// out through silence. (Tests of failover in one process use it.)
     pub async fn halt(&self) {
-        self.inner.acting.store(true, Ordering::Release);
-        self.inner.deciding.store(true, Ordering::Release);
+        self.step(Input::Halt);
+        self.stop_loops().await;
+    }
+
+    async fn stop_loops(&self) {
         let _ = self.inner.stopping.send(true);
         self.inner.peers.stop();
         let _ = self.inner.raft.shutdown().await;
@@ -1102,9 +863,7 @@ impl OutdatePeer for Node {
 
 impl Inbound for Node {
     fn heartbeat(&self, heartbeat: Heartbeat) {
-        let now = self.now();
-        locked(&self.inner.detector).heard(heartbeat.from, heartbeat.incarnation, now);
-        locked(&self.inner.reports).insert(heartbeat.from, heartbeat.report);
+        self.step(Input::Heartbeat(heartbeat));
     }
 
     fn rpc(

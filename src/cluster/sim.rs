@@ -1,12 +1,16 @@
 //! Seeded, deterministic simulation of the cluster protocol.
 //!
 //! One `u64` seed drives everything: crashes, restarts, partitions, the write workload and
-//! the virtual clock. The simulated cluster runs the real cores — [`Detector`],
-//! [`ClusterState`] (the cluster log's state machine), [`leader_decisions`] and
-//! [`local_actions`] — and the real SPC-4 reservation emulator of `tandem-fence` for a
-//! volume on a shared LU. What is modelled: the network (links up or down), the consensus
-//! log (a proposal commits iff its proposer is in the partition that holds a majority —
-//! the guarantee raft gives), and replicas (protocol C: a write is acknowledged when both
+//! the virtual clock. Every node runs tandemd's own [`NodeCore`] — the same core
+//! `node.rs` runs, with its failure detector, leader and local rounds, fencing and rejoin
+//! — and the simulation only delivers its inputs (ticks at each node's own phase,
+//! heartbeats over the links that are up, the log as the node has learned it) and
+//! carries out its operations against the modelled world, feeding the results back.
+//! Also real: [`ClusterState`] (the cluster log's state machine), the reservation key
+//! derivation, and the SPC-4 reservation emulator of `tandem-fence` for a volume on a
+//! shared LU. What is modelled: the network (links up or down), the consensus log (a
+//! proposal commits iff its proposer is in the partition that holds a majority — the
+//! guarantee raft gives), and replicas (protocol C: a write is acknowledged when both
 //! replicas hold it, or after the peer was recorded Outdated).
 //!
 //! Invariants, checked after every step:
@@ -21,14 +25,15 @@
 //!
 //! A failure names its seed; `TANDEM_SEED=n` replays it.
 
-use super::detector::Detector;
-use super::orchestrator::{
-    DiskState, LeaderView, LocalAction, LocalView, NodeReport, ReplicaReport, ReplicaRole,
-    leader_decisions, local_actions,
-};
-use super::state::{ClusterState, Command, FenceLogEntry, FenceMethod, Outcome};
+use super::fencing::node_key;
+use super::node_core::{Action, CoreConfig, Input, NodeCore, Now, Op, OpResult};
+use super::orchestrator::{DiskState, NodeReport, ReplicaReport, ReplicaRole};
+use super::peers::Heartbeat;
+use super::state::{ClusterState, Command, Outcome};
 use super::types::{Epoch, Incarnation, Millis, NodeId};
-use std::collections::{BTreeMap, BTreeSet};
+use super::volume::VolumeAction;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use tandem_fence::PrKey;
 use tandem_fence::emulator::{Access, Emulator, NexusId, NexusInfo};
 use tandem_fence::pr::PrOutCommand;
@@ -93,16 +98,18 @@ struct Replica {
 #[derive(Debug, Clone)]
 struct SimNode {
     alive: bool,
-    incarnation: Incarnation,
-    detector: Detector,
+    /// The incarnation stored on this node's disk (its state directory).
+    stored_incarnation: Incarnation,
+    /// The node's decisions: tandemd's own core, fed by this world.
+    core: NodeCore,
     /// The log as this node last learned it.
-    known: ClusterState,
+    known: Arc<ClusterState>,
     replicas: BTreeMap<String, Replica>,
+    /// Resources really running here (the core has its own belief).
     resources: BTreeSet<String>,
-    /// Heartbeat reports received from peers.
-    reports: BTreeMap<NodeId, NodeReport>,
     nexus: Option<NexusId>,
-    evidence: super::orchestrator::ResyncEvidence,
+    /// Where in the heartbeat period this node's timer fires.
+    tick_phase: u64,
 }
 
 /// What a finished run reports.
@@ -151,10 +158,54 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     if a < b { (a, b) } else { (b, a) }
 }
 
+/// The reservation key tandemd derives (the real derivation, cluster name "sim").
 fn key_of(node: NodeId, incarnation: Incarnation) -> PrKey {
-    let node = u16::try_from(node.0).unwrap_or(u16::MAX);
-    let inc = u32::try_from(incarnation.0).unwrap_or(u32::MAX);
-    PrKey::derive("sim", node, inc)
+    node_key("sim", node, incarnation)
+}
+
+/// A node's core for life `incarnation`, starting at `now`.
+fn new_core(
+    id: NodeId,
+    incarnation: Incarnation,
+    now: Millis,
+    known: Arc<ClusterState>,
+) -> NodeCore {
+    let data = DATA.contains(&id);
+    let volumes: BTreeSet<String> = if data {
+        [REPLICATED, SHARED]
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let config = CoreConfig {
+        me: id,
+        incarnation,
+        members: NODES.to_vec(),
+        volumes: BTreeMap::from([
+            (REPLICATED.to_owned(), DATA.to_vec()),
+            (SHARED.to_owned(), DATA.to_vec()),
+        ]),
+        local_volumes: volumes,
+        shared: if data {
+            BTreeSet::from([SHARED.to_owned()])
+        } else {
+            BTreeSet::new()
+        },
+        has_fencer: data,
+        failure_timeout_ms: FAILURE_TIMEOUT_MS,
+        quorum_lease_ms: LEASE_MS,
+        fresh_log_id: crate::replication::types::ClusterLogId(1),
+    };
+    NodeCore::new(
+        config,
+        Now {
+            mono: now,
+            wall: now,
+        },
+        known,
+    )
 }
 
 impl World {
@@ -182,18 +233,18 @@ impl World {
             } else {
                 BTreeMap::new()
             };
+            let known = Arc::new(ClusterState::default());
             nodes.insert(
                 id,
                 SimNode {
                     alive: true,
-                    incarnation: Incarnation(1),
-                    detector: Detector::new(id, &NODES, Millis(0), FAILURE_TIMEOUT_MS, LEASE_MS),
-                    known: ClusterState::default(),
+                    stored_incarnation: Incarnation(1),
+                    core: new_core(id, Incarnation(1), Millis(0), Arc::clone(&known)),
+                    known,
                     replicas,
                     resources: BTreeSet::new(),
-                    reports: BTreeMap::new(),
                     nexus,
-                    evidence: super::orchestrator::ResyncEvidence::default(),
+                    tick_phase: (id.0 * 20) % HEARTBEAT_MS,
                 },
             );
         }
@@ -206,8 +257,9 @@ impl World {
             ]),
             log_id: crate::replication::types::ClusterLogId(1),
         });
+        let known = Arc::new(log.clone());
         for node in nodes.values_mut() {
-            node.known = log.clone();
+            node.known = Arc::clone(&known);
         }
         let mut world = Self {
             seed,
@@ -226,8 +278,10 @@ impl World {
             },
             trace: std::collections::VecDeque::new(),
         };
-        for id in DATA {
-            world.unfence(id);
+        for id in NODES {
+            world
+                .drive(id, Input::Start)
+                .expect("starting a node breaks no invariant");
         }
         world
     }
@@ -282,19 +336,70 @@ impl World {
         };
         let outcome = self.log.apply(&command);
         self.note(format!("{proposer} committed {command:?} -> {outcome:?}"));
-        for id in &group {
-            if let Some(n) = self.nodes.get_mut(id) {
-                n.known = self.log.clone();
-            }
-        }
+        self.spread_log(&group);
         Some(outcome)
     }
 
-    /// A node's new life registers its key on the shared LU (and reserves if free).
-    fn unfence(&mut self, id: NodeId) {
+    /// Raft replicates the log to every follower in `group`.
+    fn spread_log(&mut self, group: &BTreeSet<NodeId>) {
+        let known = Arc::new(self.log.clone());
+        for id in group {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.known = Arc::clone(&known);
+            }
+        }
+    }
+
+    /// Feeds `input` to node `id`'s core and carries out everything it asks, feeding
+    /// the results back, until the core waits for nothing (operations complete at once).
+    fn drive(&mut self, id: NodeId, input: Input) -> Result<(), SimFailure> {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            if !self.nodes[&id].alive {
+                return Ok(());
+            }
+            let now = Now {
+                mono: self.now,
+                wall: self.now,
+            };
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let known = Arc::clone(&node.known);
+            node.core.step(now, Input::Log(known));
+            let actions = node.core.step(now, input);
+            for action in actions {
+                match action {
+                    Action::Heartbeat(heartbeat) => self.deliver(id, &heartbeat),
+                    Action::Emit(_) => {}
+                    Action::Perform { op, what } => {
+                        let result = self.perform(id, what)?;
+                        inputs.push_back(Input::Done { op, result });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A heartbeat reaches every peer linked to its sender.
+    fn deliver(&mut self, from: NodeId, heartbeat: &Heartbeat) {
+        let now = Now {
+            mono: self.now,
+            wall: self.now,
+        };
+        for to in NODES {
+            if to == from || !self.linked(from, to) {
+                continue;
+            }
+            let node = self.nodes.get_mut(&to).expect("known node");
+            node.core.step(now, Input::Heartbeat(heartbeat.clone()));
+        }
+    }
+
+    /// A node's life registers its key on the shared LU (and reserves if free).
+    fn unfence(&mut self, id: NodeId, incarnation: Incarnation) {
         let node = &self.nodes[&id];
         let Some(nexus) = node.nexus else { return };
-        let key = key_of(id, node.incarnation);
+        let key = key_of(id, incarnation);
         let _ = self
             .lu
             .pr_out(nexus, &PrOutCommand::register_and_ignore(key));
@@ -324,8 +429,8 @@ impl World {
     fn report_of(&self, id: NodeId) -> NodeReport {
         let node = &self.nodes[&id];
         NodeReport {
-            incarnation: node.incarnation,
-            quorate: node.detector.quorate(self.now),
+            incarnation: node.core.incarnation(),
+            quorate: node.core.is_quorate(self.now),
             volumes: node
                 .replicas
                 .iter()
@@ -356,7 +461,7 @@ impl World {
         }
     }
 
-    fn inject_faults(&mut self) {
+    fn inject_faults(&mut self) -> Result<(), SimFailure> {
         let rng = &mut self.rng;
         if rng.chance(4) {
             let victim = NODES[usize::try_from(rng.below(3)).unwrap_or(0)];
@@ -369,7 +474,7 @@ impl World {
             if let Some(&id) =
                 dead.get(usize::try_from(self.rng.below(dead.len() as u64)).unwrap_or(0))
             {
-                self.restart(id);
+                self.restart(id)?;
             }
         }
         if self.rng.chance(4) {
@@ -383,6 +488,7 @@ impl World {
         if self.rng.chance(15) {
             self.cut.clear();
         }
+        Ok(())
     }
 
     fn crash(&mut self, id: NodeId) {
@@ -391,7 +497,6 @@ impl World {
         let node = self.nodes.get_mut(&id).expect("known node");
         node.alive = false;
         node.resources.clear();
-        node.reports.clear();
         for replica in node.replicas.values_mut() {
             // What is on disk stays; everything in memory goes.
             replica.role = ReplicaRole::Secondary;
@@ -403,122 +508,109 @@ impl World {
         }
     }
 
-    fn restart(&mut self, id: NodeId) {
+    fn restart(&mut self, id: NodeId) -> Result<(), SimFailure> {
         self.note(format!("restart {id}"));
         let now = self.now;
         let node = self.nodes.get_mut(&id).expect("known node");
         node.alive = true;
-        node.incarnation = Incarnation(node.incarnation.0 + 1);
-        node.detector = Detector::new(id, &NODES, now, FAILURE_TIMEOUT_MS, LEASE_MS);
-        self.unfence(id);
+        // tandemd stores a new incarnation at every start.
+        node.stored_incarnation = Incarnation(node.stored_incarnation.0 + 1);
+        node.core = new_core(id, node.stored_incarnation, now, Arc::clone(&node.known));
+        self.drive(id, Input::Start)
     }
 
-    fn heartbeats(&mut self) {
-        if !self.now.0.is_multiple_of(HEARTBEAT_MS) {
-            return;
-        }
-        let reports: BTreeMap<NodeId, NodeReport> = NODES
-            .into_iter()
-            .filter(|n| self.nodes[n].alive)
-            .map(|n| (n, self.report_of(n)))
-            .collect();
-        for from in NODES {
-            for to in NODES {
-                if from == to || !self.linked(from, to) {
-                    continue;
-                }
-                let (inc, report) = (self.nodes[&from].incarnation, reports[&from].clone());
-                let now = self.now;
-                let node = self.nodes.get_mut(&to).expect("known node");
-                node.detector.heard(from, inc, now);
-                node.reports.insert(from, report);
+    /// Every node's timer: a tick to its core each heartbeat period (phases differ).
+    fn ticks(&mut self) -> Result<(), SimFailure> {
+        let majority = self.majority();
+        // The raft leader: the lowest id of the majority side (any choice is safe).
+        let leader = majority.as_ref().and_then(|g| g.iter().next().copied());
+        for id in NODES {
+            let node = &self.nodes[&id];
+            if !node.alive || !(self.now.0 + node.tick_phase).is_multiple_of(HEARTBEAT_MS) {
+                continue;
             }
-        }
-    }
-
-    fn lead(&mut self) {
-        let Some(group) = self.majority() else { return };
-        // The leader: the lowest id of the majority side (any choice is safe).
-        let Some(&leader) = group.iter().next() else {
-            return;
-        };
-        let node = &self.nodes[&leader];
-        let alive = node.detector.alive(self.now);
-        let dead = node.detector.dead(self.now);
-        let mut reports = node.reports.clone();
-        reports.insert(leader, self.report_of(leader));
-        let decisions = leader_decisions(LeaderView {
-            now: self.now,
-            state: &self.log,
-            alive: &alive,
-            dead: &dead,
-            reports: &reports,
-        });
-        for command in decisions {
-            self.propose(leader, command);
-        }
-    }
-
-    fn act(&mut self, id: NodeId) -> Result<(), SimFailure> {
-        if !self.nodes[&id].alive {
-            return Ok(());
-        }
-        let replicas: BTreeMap<String, ReplicaReport> = self.report_of(id).volumes;
-        let known = self.nodes[&id].known.clone();
-        let resynced = self
-            .nodes
-            .get_mut(&id)
-            .expect("node")
-            .evidence
-            .observe(&known, &replicas);
-        let node = &self.nodes[&id];
-        let quorate = node.detector.quorate(self.now);
-        let shared = BTreeSet::from([SHARED.to_owned()]);
-        let actions = local_actions(LocalView {
-            me: id,
-            incarnation: node.incarnation,
-            now: self.now,
-            quorate,
-            state: &node.known,
-            replicas: &replicas,
-            reports: &node.reports,
-            shared: &shared,
-            fencing: &BTreeSet::new(),
-            resynced: &resynced,
-        });
-        for action in actions {
-            if !self.carry_out(id, action)? {
-                break;
-            }
+            let in_majority = majority.as_ref().is_some_and(|g| g.contains(&id));
+            let local = self.report_of(id).volumes;
+            self.drive(
+                id,
+                Input::Tick {
+                    leader: leader.filter(|_| in_majority),
+                    local,
+                },
+            )?;
         }
         Ok(())
     }
 
-    /// Carries out one local action; false stops the rest of the list (like the shell).
-    fn carry_out(&mut self, id: NodeId, action: LocalAction) -> Result<bool, SimFailure> {
-        if !matches!(action, LocalAction::Propose { .. }) {
-            self.note(format!("{id} does {action:?}"));
+    fn replica_mut(&mut self, id: NodeId, volume: &str) -> &mut Replica {
+        self.nodes
+            .get_mut(&id)
+            .and_then(|n| n.replicas.get_mut(volume))
+            .expect("a local replica")
+    }
+
+    /// Carries out one operation of node `id`'s core.
+    fn perform(&mut self, id: NodeId, what: Op) -> Result<OpResult, SimFailure> {
+        if !matches!(what, Op::Propose(_) | Op::ReadReplicas) {
+            self.note(format!("{id} does {what:?}"));
         }
-        match action {
-            LocalAction::Rejoin => {
-                let node = self.nodes.get_mut(&id).expect("node");
-                node.incarnation = Incarnation(node.incarnation.0 + 1);
-                self.unfence(id);
-                Ok(true)
+        Ok(match what {
+            Op::ReadReplicas => OpResult::Replicas(self.report_of(id).volumes),
+            Op::Propose(command) => OpResult::Proposed(
+                self.propose(id, command)
+                    .ok_or_else(|| "no majority".to_owned()),
+            ),
+            Op::Replica { volume, action } => {
+                self.replica_command(id, &volume, action)?;
+                OpResult::Done(Ok(()))
             }
-            LocalAction::Propose { command } => {
-                Ok(matches!(self.propose(id, command), Some(Outcome::Applied)))
-            }
-            LocalAction::PromoteReplica { volume, epoch, .. } => {
-                let replica = self
-                    .nodes
+            Op::StartResources { volume } => {
+                self.nodes
                     .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                    .expect("replica");
+                    .expect("node")
+                    .resources
+                    .insert(volume);
+                OpResult::Done(Ok(()))
+            }
+            Op::StopResources { volume } => {
+                self.nodes
+                    .get_mut(&id)
+                    .expect("node")
+                    .resources
+                    .remove(&volume);
+                OpResult::Done(Ok(()))
+            }
+            Op::FenceReservation {
+                victim,
+                incarnation,
+                ..
+            } => OpResult::Fenced(self.preempt(id, victim, incarnation)?),
+            Op::NewIncarnation => {
+                let node = self.nodes.get_mut(&id).expect("node");
+                node.stored_incarnation = Incarnation(node.stored_incarnation.0 + 1);
+                OpResult::Incarnation(Ok(node.stored_incarnation))
+            }
+            Op::Unfence { incarnation } => {
+                self.unfence(id, incarnation);
+                OpResult::Done(Ok(()))
+            }
+        })
+    }
+
+    fn replica_command(
+        &mut self,
+        id: NodeId,
+        volume: &str,
+        action: VolumeAction,
+    ) -> Result<(), SimFailure> {
+        match action {
+            VolumeAction::Promote { epoch, .. } => {
+                let replica = self.replica_mut(id, volume);
                 replica.role = ReplicaRole::Primary;
                 replica.epoch = epoch;
                 replica.suspended = false;
                 if volume == REPLICATED {
+                    let replica = &self.nodes[&id].replicas[volume];
                     let lost: Vec<(u32, u64, Option<u64>)> = self
                         .acked
                         .iter()
@@ -531,131 +623,53 @@ impl World {
                         )));
                     }
                 }
-                Ok(true)
             }
-            LocalAction::DemoteReplica { volume } => {
-                let replica = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                    .expect("replica");
-                replica.role = ReplicaRole::Secondary;
-                Ok(true)
-            }
-            LocalAction::SetEpoch { volume, epoch } => {
-                let replica = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                    .expect("replica");
+            VolumeAction::Demote => self.replica_mut(id, volume).role = ReplicaRole::Secondary,
+            VolumeAction::SetEpoch { epoch, .. } => {
+                let replica = self.replica_mut(id, volume);
                 if replica.epoch != epoch {
                     replica.epoch = epoch;
                     // A new epoch: the peer connection is renegotiated.
                     replica.connected = false;
                 }
-                Ok(true)
             }
-            LocalAction::Suspend { volume } => {
-                if let Some(r) = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                {
-                    r.suspended = true;
-                }
-                Ok(true)
-            }
-            LocalAction::StepDown { volume } => {
-                if let Some(r) = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                {
-                    r.role = ReplicaRole::Secondary;
-                    r.suspended = false;
-                }
-                Ok(true)
-            }
-            LocalAction::Resume { volume } => {
-                if let Some(r) = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.replicas.get_mut(&volume))
-                {
-                    r.suspended = false;
-                }
-                Ok(true)
-            }
-            LocalAction::StartResources { volume } => {
-                self.nodes
-                    .get_mut(&id)
-                    .expect("node")
-                    .resources
-                    .insert(volume);
-                Ok(true)
-            }
-            LocalAction::StopResources { volume } => {
-                self.nodes
-                    .get_mut(&id)
-                    .expect("node")
-                    .resources
-                    .remove(&volume);
-                Ok(true)
-            }
-            LocalAction::Fence {
-                volume,
-                victim,
-                victim_incarnation,
-                reservation,
-            } => {
-                let method = if reservation {
-                    let nexus = self.nodes[&id].nexus.expect("data node has a nexus");
-                    let own = key_of(id, self.nodes[&id].incarnation);
-                    let victim_key = key_of(victim, victim_incarnation);
-                    let cmd = PrOutCommand::preempt(
-                        own,
-                        victim_key,
-                        ReservationType::WriteExclusiveRegistrantsOnly,
-                    );
-                    if self.lu.pr_out(nexus, &cmd).is_err() {
-                        // The victim's key may be gone already (fenced before); check.
-                        let still = self.lu.registrations().iter().any(|r| r.key == victim_key);
-                        if still {
-                            return Ok(false);
-                        }
-                    }
-                    if self.lu.registrations().iter().any(|r| r.key == victim_key) {
-                        return Err(
-                            self.fail(format!("preempting {victim_key:?} left it registered"))
-                        );
-                    }
-                    FenceMethod::Reservation {
-                        detail: format!("preempted {victim_key:?}"),
-                    }
-                } else {
-                    FenceMethod::Epoch
-                };
-                let volume_epoch = self
-                    .log
-                    .volumes
-                    .get(&volume)
-                    .map(|v| v.epoch)
-                    .unwrap_or_default();
-                let entry = FenceLogEntry {
-                    volume,
-                    victim,
-                    victim_incarnation,
-                    by: id,
-                    method,
-                    at: self.now,
-                    volume_epoch,
-                };
-                Ok(matches!(
-                    self.propose(id, Command::Fenced { entry }),
-                    Some(Outcome::Applied)
-                ))
+            VolumeAction::Suspend => self.replica_mut(id, volume).suspended = true,
+            VolumeAction::Resume => self.replica_mut(id, volume).suspended = false,
+            VolumeAction::StepDown => {
+                let replica = self.replica_mut(id, volume);
+                replica.role = ReplicaRole::Secondary;
+                replica.suspended = false;
             }
         }
+        Ok(())
+    }
+
+    /// PREEMPT of `victim`'s key on the shared LU by node `id`, confirmed.
+    fn preempt(
+        &mut self,
+        id: NodeId,
+        victim: NodeId,
+        victim_incarnation: Incarnation,
+    ) -> Result<Result<String, String>, SimFailure> {
+        let nexus = self.nodes[&id].nexus.expect("data node has a nexus");
+        let own = key_of(id, self.nodes[&id].core.incarnation());
+        let victim_key = key_of(victim, victim_incarnation);
+        let cmd = PrOutCommand::preempt(
+            own,
+            victim_key,
+            ReservationType::WriteExclusiveRegistrantsOnly,
+        );
+        if self.lu.pr_out(nexus, &cmd).is_err() {
+            // The victim's key may be gone already (fenced before); check.
+            let still = self.lu.registrations().iter().any(|r| r.key == victim_key);
+            if still {
+                return Ok(Err(format!("preempting {victim_key:?} failed")));
+            }
+        }
+        if self.lu.registrations().iter().any(|r| r.key == victim_key) {
+            return Err(self.fail(format!("preempting {victim_key:?} left it registered")));
+        }
+        Ok(Ok(format!("preempted {victim_key:?}")))
     }
 
     /// Replication links: connect, resync, disconnect.
@@ -766,7 +780,7 @@ impl World {
 
     fn write_shared(&mut self, writer: NodeId) -> Result<(), SimFailure> {
         let nexus = self.nodes[&writer].nexus.expect("data node has a nexus");
-        let inc = self.nodes[&writer].incarnation;
+        let inc = self.nodes[&writer].core.incarnation();
         if self.lu.data_command(nexus, Access::Write).is_ok() {
             let fenced =
                 self.log.fencing.iter().any(|f| {
@@ -816,11 +830,17 @@ impl World {
             // Without its peer the primary must first record the peer Outdated.
             let epoch = self.nodes[&writer].replicas[REPLICATED].epoch;
             let counted = self.nodes[&writer].replicas[REPLICATED].peer_uptodate_events;
-            self.nodes
-                .get_mut(&writer)
-                .expect("node")
-                .evidence
-                .note_outdating(REPLICATED, counted);
+            let now = Now {
+                mono: self.now,
+                wall: self.now,
+            };
+            self.nodes.get_mut(&writer).expect("node").core.step(
+                now,
+                Input::NoteOutdating {
+                    volume: REPLICATED.to_owned(),
+                    peer_uptodate_events: counted,
+                },
+            );
             let outdate = Command::Outdate {
                 volume: REPLICATED.into(),
                 victim: peer,
@@ -905,21 +925,13 @@ impl World {
         self.step += 1;
         self.now = self.now.plus(STEP_MS);
         if faults {
-            self.inject_faults();
+            self.inject_faults()?;
         }
-        self.heartbeats();
         // Raft replicates the log to every follower the leader reaches.
         if let Some(group) = self.majority() {
-            for id in group {
-                if let Some(n) = self.nodes.get_mut(&id) {
-                    n.known = self.log.clone();
-                }
-            }
+            self.spread_log(&group);
         }
-        self.lead();
-        for id in NODES {
-            self.act(id)?;
-        }
+        self.ticks()?;
         self.replicate();
         self.workload(faults)?;
         self.check()
@@ -936,7 +948,7 @@ pub fn run(seed: u64, fault_steps: u64) -> Result<SimReport, SimFailure> {
     world.cut.clear();
     for id in NODES {
         if !world.nodes[&id].alive {
-            world.restart(id);
+            world.restart(id)?;
         }
     }
     let settle_steps = 3000 / STEP_MS;
