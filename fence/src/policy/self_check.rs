@@ -26,7 +26,8 @@ pub enum SelfCheckState {
     Lost,
 }
 
-/// A change worth reporting.
+/// A change worth reporting. Times are on the caller's clock ([`SelfCheckTask`]:
+/// monotonic milliseconds since the task started).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum SelfCheckEvent {
@@ -147,13 +148,13 @@ mod task {
     use crate::key::PrKey;
     use crate::transport::PrTransport;
     use std::sync::{Arc, Condvar, Mutex};
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, Instant};
 
-    fn now_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
+    /// Milliseconds since `origin` on the monotonic clock: the schedule of a safety
+    /// check must not follow the wall clock (an NTP step back would delay the next check
+    /// by as much).
+    fn now_ms(origin: Instant) -> u64 {
+        u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A thread running [`SelfCheck`] against one or more paths (the first that answers).
@@ -180,7 +181,8 @@ mod task {
             let thread = std::thread::Builder::new()
                 .name("tandem-self-check".into())
                 .spawn(move || {
-                    let mut check = SelfCheck::new(own, period_ms, now_ms());
+                    let origin = Instant::now();
+                    let mut check = SelfCheck::new(own, period_ms, now_ms(origin));
                     let span = tracing::debug_span!("self_check", pr_key = %own.hex16());
                     let _enter = span.enter();
                     loop {
@@ -191,7 +193,7 @@ mod task {
                                 if *stopped {
                                     return;
                                 }
-                                let now = now_ms();
+                                let now = now_ms(origin);
                                 if now >= check.next_due_ms() {
                                     break;
                                 }
@@ -203,7 +205,7 @@ mod task {
                             }
                         }
                         let result = read_keys(&paths, retries);
-                        let event = check.observe(now_ms(), result.as_ref());
+                        let event = check.observe(now_ms(origin), result.as_ref());
                         if let Some(event) = event {
                             match &event {
                                 SelfCheckEvent::KeyLost { .. } => {
