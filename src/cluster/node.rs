@@ -25,6 +25,7 @@ use super::status::{ClusterStatus, Event, EventKind, NodeStatus, ReplicaStatus, 
 use super::transport::{Channel, Credentials, server_handshake};
 use super::types::{Epoch, Incarnation, Millis, NodeId};
 use super::volume::{BoxFuture, OutdatePeer, VolumeDriver};
+use crate::replication::lease::LeaseHolder;
 use crate::replication::types::ClusterLogId;
 use openraft::BasicNode;
 use std::collections::{BTreeMap, VecDeque};
@@ -116,6 +117,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     acceptors: Mutex<BTreeMap<Channel, mpsc::Sender<Accepted>>>,
     stopping: watch::Sender<bool>,
+    /// The quorum lease the local replicas serve under.
+    lease: LeaseHolder,
 }
 
 /// A running node; cheap to clone.
@@ -296,6 +299,10 @@ impl Node {
         );
         let (events, _) = broadcast::channel(4096);
         let (stopping, _) = watch::channel(false);
+        let lease = LeaseHolder::expired();
+        for driver in drivers.values() {
+            driver.follow_lease(&lease);
+        }
         let inner = Arc::new(Inner {
             config,
             me,
@@ -311,6 +318,7 @@ impl Node {
             events,
             acceptors: Mutex::default(),
             stopping,
+            lease,
         });
         let node = Node { inner };
         // Registers this life's key on the shared devices before anything runs.
@@ -448,6 +456,14 @@ impl Node {
                 }
             }
             Action::Emit(kind) => self.event(kind),
+            Action::Lease { until } => {
+                // Past what an Instant can hold: without end (a cluster of one).
+                let deadline = self
+                    .inner
+                    .started
+                    .checked_add(Duration::from_millis(until.0));
+                self.inner.lease.set(deadline);
+            }
             Action::Perform { .. } => {}
         }
     }
@@ -863,7 +879,8 @@ impl OutdatePeer for Node {
 
 impl Inbound for Node {
     fn heartbeat(&self, heartbeat: Heartbeat) {
-        self.step(Input::Heartbeat(heartbeat));
+        let actions = self.step(Input::Heartbeat(heartbeat));
+        self.dispatch(actions);
     }
 
     fn rpc(

@@ -21,12 +21,12 @@
 //! [`Input::Done`]. `node.rs` runs it for tandemd; `sim.rs` runs the same core against a
 //! simulated network, log, disks and LU.
 
-use super::detector::Detector;
+use super::detector::{Detector, Echo};
 use super::orchestrator::{
     self, LeaderView, LocalAction, LocalView, NodeReport, ReplicaReport, ReplicaRole,
     ResyncEvidence,
 };
-use super::peers::Heartbeat;
+use super::peers::{Heartbeat, PeerView};
 use super::state::{ClusterState, Command, FenceLogEntry, FenceMethod, Outcome};
 use super::status::EventKind;
 use super::types::{Incarnation, Millis, NodeId};
@@ -153,6 +153,9 @@ pub enum Action {
     Emit(EventKind),
     /// Carry out `what` and report its result as `Input::Done { op, .. }`.
     Perform { op: OpId, what: Op },
+    /// This node holds the quorum lease until `until` (the core's clock, `Now::mono`):
+    /// past it, the local replicas serve no I/O — reads included — until a new lease.
+    Lease { until: Millis },
 }
 
 /// A sequence of work the core runs one operation at a time.
@@ -209,6 +212,7 @@ enum OnFailure {
 /// What the core last told the world about membership (events only on change).
 #[derive(Debug, Clone, Default)]
 struct Observed {
+    lease: Option<Millis>,
     alive: BTreeSet<NodeId>,
     quorate: Option<bool>,
     leader: Option<Option<NodeId>>,
@@ -232,6 +236,8 @@ pub struct NodeCore {
     fencing: BTreeSet<String>,
     evidence: ResyncEvidence,
     fence_operations: u64,
+    /// Each peer's latest views of the others, and when they arrived.
+    views: BTreeMap<NodeId, (Millis, BTreeMap<NodeId, PeerView>)>,
     rounds: BTreeMap<RoundKind, Round>,
     ops: BTreeMap<OpId, RoundKind>,
     next_op: u64,
@@ -262,6 +268,7 @@ impl NodeCore {
             fencing: BTreeSet::new(),
             evidence: ResyncEvidence::default(),
             fence_operations: 0,
+            views: BTreeMap::new(),
             rounds: BTreeMap::new(),
             ops: BTreeMap::new(),
             next_op: 0,
@@ -326,9 +333,24 @@ impl NodeCore {
             Input::Tick { leader, local } => self.tick(leader, local, &mut out),
             Input::Log(state) => self.state = state,
             Input::Heartbeat(heartbeat) => {
-                self.detector
-                    .heard(heartbeat.from, heartbeat.incarnation, self.now.mono);
-                self.reports.insert(heartbeat.from, heartbeat.report);
+                let me = self.config.me;
+                let echo = heartbeat.echoes.get(&me).map(|sent_at| Echo {
+                    sent_at: *sent_at,
+                    endorsed: heartbeat.endorsed.contains(&me),
+                });
+                self.detector.heard(
+                    heartbeat.from,
+                    heartbeat.incarnation,
+                    self.now.mono,
+                    heartbeat.sent_at,
+                    echo,
+                );
+                if self.config.members.contains(&heartbeat.from) {
+                    self.views
+                        .insert(heartbeat.from, (self.now.mono, heartbeat.views));
+                    self.reports.insert(heartbeat.from, heartbeat.report);
+                }
+                self.lease(&mut out);
             }
             Input::Done { op, result } => self.done(op, result, &mut out),
             Input::NoteOutdating {
@@ -389,6 +411,111 @@ impl NodeCore {
         }));
     }
 
+    /// The peers whose current life (as their heartbeats announce it) this node's log
+    /// holds up: its echoes let them serve.
+    fn endorsed(&self) -> BTreeSet<NodeId> {
+        self.config
+            .members
+            .iter()
+            .copied()
+            .filter(|peer| *peer != self.config.me)
+            .filter(|peer| {
+                let member = self.state.members.get(peer);
+                member.is_some_and(|m| {
+                    m.up && Some(m.incarnation) == self.detector.incarnation(*peer)
+                })
+            })
+            .collect()
+    }
+
+    /// What this node's log says of each peer's life, and the newest life it endorsed.
+    fn views_of_peers(&self) -> BTreeMap<NodeId, PeerView> {
+        let now = self.now.mono;
+        self.config
+            .members
+            .iter()
+            .copied()
+            .filter(|peer| *peer != self.config.me)
+            .map(|peer| {
+                let member = self.state.members.get(&peer);
+                let view = PeerView {
+                    life: member.map(|m| m.incarnation).unwrap_or_default(),
+                    up: member.is_some_and(|m| m.up),
+                    endorsed: self
+                        .detector
+                        .endorsed_life(peer)
+                        .map(|(life, heard)| (life, now.since(heard))),
+                };
+                (peer, view)
+            })
+            .collect()
+    }
+
+    /// Whether the life this node takes `volume` over from — the latest one fenced on
+    /// it — can no longer hold a lease to serve: too few voters could still endorse it.
+    /// A voter releases that life once its log holds it ended (it never endorses it
+    /// again) and one lease (with a margin for clock rates) has passed since it heard
+    /// the life's last heartbeat it did endorse. A new primary that served sooner could
+    /// acknowledge a write that the old one, cut off from it but not from a witness that
+    /// has not yet applied the fencing, then reads back stale.
+    fn old_life_released(&self, volume: &str) -> bool {
+        let Some(fenced) = self.state.fencing.iter().rev().find(|f| f.volume == volume) else {
+            return true;
+        };
+        let (old, life) = (fenced.victim, fenced.victim_incarnation);
+        if old == self.config.me {
+            return true;
+        }
+        let now = self.now.mono;
+        let lease = self.detector.lease_ms();
+        let margin = lease / 10;
+        let quiet_since = |heard: Millis| heard.plus(lease + margin) <= now;
+        let released = self
+            .config
+            .members
+            .iter()
+            .filter(|node| **node != old)
+            .filter(|node| {
+                if **node == self.config.me {
+                    // This node applied the fencing: its log holds the life ended.
+                    return match self.detector.endorsed_life(old) {
+                        Some((endorsed, heard)) if endorsed == life => quiet_since(heard),
+                        _ => true,
+                    };
+                }
+                let Some((received, view)) = self
+                    .views
+                    .get(node)
+                    .and_then(|(at, views)| views.get(&old).map(|v| (*at, *v)))
+                else {
+                    return false;
+                };
+                view.ended(life)
+                    && match view.endorsed {
+                        Some((endorsed, ago)) if endorsed == life => {
+                            quiet_since(Millis(received.0.saturating_sub(ago)))
+                        }
+                        _ => true,
+                    }
+            })
+            .count();
+        let needed = self.detector.voters() / 2;
+        let others = self.config.members.len().saturating_sub(1);
+        released + needed > others
+    }
+
+    /// Tells the runner when the lease to serve I/O changed.
+    fn lease(&mut self, out: &mut Vec<Action>) {
+        if !self.started || self.halted {
+            return;
+        }
+        let until = self.detector.serve_until();
+        if self.observed.lease != Some(until) {
+            self.observed.lease = Some(until);
+            out.push(Action::Lease { until });
+        }
+    }
+
     /// This node's report: its replicas and their resources.
     fn own_report(&self, local: BTreeMap<String, ReplicaReport>) -> NodeReport {
         let volumes = local
@@ -429,11 +556,20 @@ impl NodeCore {
         let now = self.now.mono;
         let me = self.config.me;
         let report = self.own_report(local);
+        let endorsed = self.endorsed();
+        for peer in &endorsed {
+            self.detector.endorse(*peer);
+        }
         out.push(Action::Heartbeat(Heartbeat {
             from: me,
             incarnation: self.incarnation,
             report: report.clone(),
+            sent_at: now,
+            echoes: self.detector.echoes(),
+            endorsed,
+            views: self.views_of_peers(),
         }));
+        self.lease(out);
         self.reports.insert(me, report);
         let alive = self.detector.alive(now);
         let dead = self.detector.dead(now);
@@ -570,6 +706,15 @@ impl NodeCore {
                 } = &action
             {
                 tracing::info!(%volume, "proposing that the peer is UpToDate again");
+            }
+            if kind == RoundKind::Act
+                && let LocalAction::PromoteReplica { volume, .. } = &action
+                && !self.old_life_released(volume)
+            {
+                // Not yet: the next round asks again.
+                tracing::debug!(%volume, "waiting until the replaced primary's lease has run out");
+                self.rounds.remove(&kind);
+                return;
             }
             if self.begin_action(kind.clone(), action, out) {
                 return;

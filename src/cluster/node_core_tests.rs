@@ -93,6 +93,20 @@ fn events(actions: &[Action]) -> Vec<EventKind> {
         .collect()
 }
 
+/// `peer`'s heartbeat at `ms`, echoing (and endorsing) A's heartbeat of that moment: A
+/// holds the quorum lease from then on.
+fn heartbeat(peer: NodeId, ms: u64, report: NodeReport) -> Heartbeat {
+    Heartbeat {
+        from: peer,
+        incarnation: INC,
+        report,
+        sent_at: Millis(ms),
+        echoes: BTreeMap::from([(A, Millis(ms))]),
+        endorsed: BTreeSet::from([A]),
+        views: BTreeMap::new(),
+    }
+}
+
 /// A started core (no fencer) that heard B and W at `ms`.
 fn started(state: ClusterState, ms: u64) -> NodeCore {
     let mut core = NodeCore::new(config(false), at(0), Arc::new(state));
@@ -100,15 +114,15 @@ fn started(state: ClusterState, ms: u64) -> NodeCore {
     for peer in [B, W] {
         core.step(
             at(ms),
-            Input::Heartbeat(Heartbeat {
-                from: peer,
-                incarnation: INC,
-                report: NodeReport {
+            Input::Heartbeat(heartbeat(
+                peer,
+                ms,
+                NodeReport {
                     incarnation: INC,
                     quorate: true,
                     volumes: BTreeMap::new(),
                 },
-            }),
+            )),
         );
     }
     core
@@ -297,11 +311,7 @@ fn a_failed_join_is_retried_quietly() {
     for peer in [B, W] {
         core.step(
             at(10),
-            Input::Heartbeat(Heartbeat {
-                from: peer,
-                incarnation: INC,
-                report: NodeReport::default(),
-            }),
+            Input::Heartbeat(heartbeat(peer, 10, NodeReport::default())),
         );
     }
     let out = core.step(
@@ -370,11 +380,7 @@ fn fencing_core(state: ClusterState) -> (NodeCore, OpId, Op) {
     );
     core.step(
         at(10),
-        Input::Heartbeat(Heartbeat {
-            from: W,
-            incarnation: INC,
-            report: NodeReport::default(),
-        }),
+        Input::Heartbeat(heartbeat(W, 10, NodeReport::default())),
     );
     let out = core.step(
         at(50),
@@ -441,11 +447,7 @@ fn a_fence_stuck_past_its_limit_fails_and_its_late_result_is_ignored() {
     let heard = |core: &mut NodeCore, ms| {
         core.step(
             at(ms),
-            Input::Heartbeat(Heartbeat {
-                from: W,
-                incarnation: INC,
-                report: NodeReport::default(),
-            }),
+            Input::Heartbeat(heartbeat(W, ms, NodeReport::default())),
         );
     };
     heard(&mut core, 30_000);
@@ -512,11 +514,7 @@ fn a_rejoin_stores_a_new_incarnation_then_registers_its_key() {
     );
     core.step(
         at(10),
-        Input::Heartbeat(Heartbeat {
-            from: W,
-            incarnation: INC,
-            report: NodeReport::default(),
-        }),
+        Input::Heartbeat(heartbeat(W, 10, NodeReport::default())),
     );
     let out = core.step(
         at(50),
@@ -653,4 +651,144 @@ fn the_leader_goes_on_past_a_rejected_decision_and_stops_at_an_uncommitted_one()
         },
     );
     assert!(!core.round_running(&RoundKind::Lead));
+}
+
+#[test]
+fn the_lease_is_announced_when_it_moves_and_heartbeats_carry_echoes() {
+    let mut core = NodeCore::new(config(false), at(0), Arc::new(joined()));
+    core.step(at(0), Input::Start);
+    let out = core.step(
+        at(100),
+        Input::Tick {
+            leader: None,
+            local: BTreeMap::new(),
+        },
+    );
+    let Some(Action::Heartbeat(sent)) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(sent.sent_at, Millis(100));
+    assert!(out.contains(&Action::Lease { until: Millis(0) }), "{out:?}");
+    // B echoes the heartbeat A sent at 100: A holds the lease until 100 + 250.
+    let out = core.step(
+        at(130),
+        Input::Heartbeat(heartbeat(B, 100, NodeReport::default())),
+    );
+    assert_eq!(out, vec![Action::Lease { until: Millis(350) }]);
+    // The same echo again moves nothing.
+    let out = core.step(
+        at(140),
+        Input::Heartbeat(heartbeat(B, 100, NodeReport::default())),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // A's next heartbeat echoes B's send time.
+    let out = core.step(
+        at(200),
+        Input::Tick {
+            leader: None,
+            local: BTreeMap::new(),
+        },
+    );
+    let Some(Action::Heartbeat(sent)) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(sent.echoes, BTreeMap::from([(B, Millis(100))]));
+}
+
+/// B, primary of vol0, lost and fenced; A promoted in its place.
+fn a_replaces_b() -> ClusterState {
+    let mut s = b_lost();
+    s.apply(&Command::Fenced {
+        entry: FenceLogEntry {
+            volume: "vol0".into(),
+            victim: B,
+            victim_incarnation: INC,
+            by: A,
+            method: FenceMethod::Epoch,
+            at: Millis(0),
+            volume_epoch: s.volumes["vol0"].epoch,
+        },
+    });
+    let promoted = s.apply(&Command::Promote {
+        volume: "vol0".into(),
+        node: A,
+        expect: s.volumes["vol0"].epoch,
+    });
+    assert!(promoted.is_applied(), "{promoted:?}");
+    s
+}
+
+/// Runs one act round of `core` at `ms` (answering every operation with success);
+/// returns the operations it handed out.
+fn act_round(core: &mut NodeCore, ms: u64, replicas: BTreeMap<String, ReplicaReport>) -> Vec<Op> {
+    let out = core.step(
+        at(ms),
+        Input::Tick {
+            leader: None,
+            local: replicas.clone(),
+        },
+    );
+    let mut pending = ops(&out)
+        .into_iter()
+        .filter(|(_, w)| *w == Op::ReadReplicas)
+        .collect::<Vec<_>>();
+    let mut seen = Vec::new();
+    while let Some((op, what)) = pending.pop() {
+        seen.push(what.clone());
+        let result = match what {
+            Op::ReadReplicas => OpResult::Replicas(replicas.clone()),
+            Op::Propose(_) => OpResult::Proposed(Ok(Outcome::Applied)),
+            _ => OpResult::Done(Ok(())),
+        };
+        pending.extend(ops(&core.step(at(ms), Input::Done { op, result })));
+    }
+    seen
+}
+
+#[test]
+fn a_new_primary_serves_only_once_the_witness_can_no_longer_endorse_the_old_one() {
+    let state = a_replaces_b();
+    let epoch = state.volumes["vol0"].epoch;
+    let mut core = NodeCore::new(config(false), at(0), Arc::new(state));
+    core.step(at(0), Input::Start);
+    let witness = |core: &mut NodeCore, ms: u64, view: Option<PeerView>| {
+        let mut hb = heartbeat(W, ms, NodeReport::default());
+        hb.views = view.into_iter().map(|v| (B, v)).collect();
+        core.step(at(ms), Input::Heartbeat(hb));
+    };
+    let promotes = |seen: &[Op]| {
+        seen.iter().any(|w| {
+            matches!(
+                w,
+                Op::Replica {
+                    action: VolumeAction::Promote { .. },
+                    ..
+                }
+            )
+        })
+    };
+    let secondary = local(ReplicaRole::Secondary, epoch);
+    // W has not said that its log ended B's life: W may still endorse it.
+    witness(&mut core, 1_000, None);
+    let seen = act_round(&mut core, 1_000, secondary.clone());
+    assert!(
+        seen.iter()
+            .any(|w| matches!(w, Op::Propose(Command::ConfirmPrimary { .. }))),
+        "{seen:?}"
+    );
+    assert!(
+        !promotes(&seen),
+        "promoted before the old life was released: {seen:?}"
+    );
+    // W's log ended it; W last heard (and endorsed) B at 1000.
+    let ended = |ms: u64| PeerView {
+        life: INC,
+        up: false,
+        endorsed: Some((INC, ms - 1_000)),
+    };
+    witness(&mut core, 1_100, Some(ended(1_100)));
+    assert!(!promotes(&act_round(&mut core, 1_100, secondary.clone())));
+    // One lease (250 ms) and its margin after W last heard B: released.
+    witness(&mut core, 1_280, Some(ended(1_280)));
+    assert!(promotes(&act_round(&mut core, 1_280, secondary)));
 }

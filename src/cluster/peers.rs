@@ -8,7 +8,7 @@
 use super::orchestrator::NodeReport;
 use super::raft::network::{RaftReply, RaftRpc};
 use super::transport::{Channel, Credentials, client_handshake};
-use super::types::{Incarnation, NodeId};
+use super::types::{Incarnation, Millis, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -28,6 +28,42 @@ pub struct Heartbeat {
     pub from: NodeId,
     pub incarnation: Incarnation,
     pub report: NodeReport,
+    /// When the sender sent it, on the sender's monotonic clock.
+    #[serde(default)]
+    pub sent_at: Millis,
+    /// For each peer, the `sent_at` of the latest heartbeat the sender heard from it: the
+    /// peer learns which of its own heartbeats got through, on its own clock, and anchors
+    /// its quorum lease there (see [`super::detector::Detector`]).
+    #[serde(default)]
+    pub echoes: BTreeMap<NodeId, Millis>,
+    /// The peers among `echoes` whose current life the sender's log holds up: only these
+    /// echoes let a peer serve I/O (a life the cluster ended — its node paused or cut
+    /// off while the others failed over — gets echoes for quorum, never a lease).
+    #[serde(default)]
+    pub endorsed: std::collections::BTreeSet<NodeId>,
+    /// The sender's view of each peer: what its log says of the peer's life, and the
+    /// newest life it endorsed. A node taking over from a fenced primary waits until
+    /// enough views prove that life can hold no lease any more.
+    #[serde(default)]
+    pub views: BTreeMap<NodeId, PeerView>,
+}
+
+/// One node's view of a peer, sent in its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerView {
+    /// The peer's life as the sender's log records it, and whether it is up there.
+    pub life: Incarnation,
+    pub up: bool,
+    /// The newest life of the peer the sender endorsed, and how long before this
+    /// heartbeat the sender heard that life's latest endorsed heartbeat.
+    pub endorsed: Option<(Incarnation, u64)>,
+}
+
+impl PeerView {
+    /// The sender's log holds `life` (or a later one) as ended: it never endorses it again.
+    pub fn ended(&self, life: Incarnation) -> bool {
+        self.life > life || (self.life == life && !self.up)
+    }
 }
 
 /// Everything sent on a membership connection. Externally tagged on purpose: serde's
@@ -413,6 +449,17 @@ mod tests {
             from: NodeId(1),
             incarnation: Incarnation(7),
             report: NodeReport::default(),
+            sent_at: Millis(1234),
+            echoes: BTreeMap::from([(NodeId(2), Millis(99))]),
+            endorsed: [NodeId(2)].into(),
+            views: BTreeMap::from([(
+                NodeId(2),
+                PeerView {
+                    life: Incarnation(3),
+                    up: true,
+                    endorsed: Some((Incarnation(3), 40)),
+                },
+            )]),
         };
         write_frame(&mut a, &PeerMessage::Heartbeat(hb.clone()))
             .await

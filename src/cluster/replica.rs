@@ -304,6 +304,11 @@ impl VolumeDriver for ClusterVolume {
         Box::pin(async move {
             let result = match action {
                 VolumeAction::Promote { epoch, force, log } => {
+                    // The gate closes before the first write can be taken: a primary
+                    // serves nothing without the quorum lease.
+                    if let Some(lease) = self.volume.lease() {
+                        lease.set_primary(true);
+                    }
                     self.volume
                         .join_cluster_log(log)
                         .await
@@ -362,8 +367,15 @@ impl VolumeDriver for ClusterVolume {
                 }
             };
             self.refresh().await;
+            if let Some(lease) = self.volume.lease() {
+                lease.set_primary(self.report().role == ReplicaRole::Primary);
+            }
             result
         })
+    }
+
+    fn follow_lease(&self, holder: &crate::replication::lease::LeaseHolder) {
+        self.volume.follow_lease(holder.volume());
     }
 
     fn discard_my_data(&self) -> BoxFuture<'_, Result<(), String>> {

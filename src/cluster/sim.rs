@@ -110,6 +110,23 @@ struct SimNode {
     nexus: Option<NexusId>,
     /// Where in the heartbeat period this node's timer fires.
     tick_phase: u64,
+    /// The process is stopped (SIGSTOP, a VM freeze) until then: it neither runs nor
+    /// serves, and what is sent to it waits in `inbox`.
+    paused_until: Option<Millis>,
+    inbox: Vec<Heartbeat>,
+    /// The quorum lease the core last announced: a primary serves no I/O past it.
+    lease_until: Millis,
+}
+
+impl SimNode {
+    /// A heartbeat's only effect outside the core: a new lease.
+    fn take_lease(&mut self, actions: &[Action]) {
+        for action in actions {
+            if let Action::Lease { until } = action {
+                self.lease_until = *until;
+            }
+        }
+    }
 }
 
 /// What a finished run reports.
@@ -123,6 +140,9 @@ pub struct SimReport {
     pub fencings: usize,
     pub crashes: u64,
     pub partitions: u64,
+    pub pauses: u64,
+    /// Reads served by a node that claimed to be primary.
+    pub reads: u64,
 }
 
 /// An invariant broke: the seed, the step and what.
@@ -245,6 +265,9 @@ impl World {
                     resources: BTreeSet::new(),
                     nexus,
                     tick_phase: (id.0 * 20) % HEARTBEAT_MS,
+                    paused_until: None,
+                    inbox: Vec::new(),
+                    lease_until: Millis(0),
                 },
             );
         }
@@ -303,14 +326,20 @@ impl World {
         }
     }
 
+    /// The node's process runs (alive and not paused).
+    fn running(&self, id: NodeId) -> bool {
+        let node = &self.nodes[&id];
+        node.alive && node.paused_until.is_none()
+    }
+
     fn linked(&self, a: NodeId, b: NodeId) -> bool {
-        a == b || (self.nodes[&a].alive && self.nodes[&b].alive && !self.cut.contains(&pair(a, b)))
+        a == b || (self.running(a) && self.running(b) && !self.cut.contains(&pair(a, b)))
     }
 
     /// Nodes in the partition that holds a majority (the raft leader's side), if any.
     fn majority(&self) -> Option<BTreeSet<NodeId>> {
         for start in NODES {
-            if !self.nodes[&start].alive {
+            if !self.running(start) {
                 continue;
             }
             // Everyone directly linked to `start` (cuts make partitions non-transitive; a
@@ -336,7 +365,11 @@ impl World {
         };
         let outcome = self.log.apply(&command);
         self.note(format!("{proposer} committed {command:?} -> {outcome:?}"));
-        self.spread_log(&group);
+        // The leader applies at commit and the proposer hears the outcome; the other
+        // followers learn of it with the leader's next append (`catch_up`).
+        let leader = group.iter().next().copied();
+        let first = BTreeSet::from_iter([Some(proposer), leader].into_iter().flatten());
+        self.spread_log(&first);
         Some(outcome)
     }
 
@@ -350,12 +383,22 @@ impl World {
         }
     }
 
+    /// The leader's appends reach each follower it is linked to after a while (a node
+    /// that was cut off or paused learns the log some time after it hears its peers).
+    fn catch_up(&mut self) {
+        let Some(group) = self.majority() else {
+            return;
+        };
+        let lucky: BTreeSet<NodeId> = group.into_iter().filter(|_| self.rng.chance(300)).collect();
+        self.spread_log(&lucky);
+    }
+
     /// Feeds `input` to node `id`'s core and carries out everything it asks, feeding
     /// the results back, until the core waits for nothing (operations complete at once).
     fn drive(&mut self, id: NodeId, input: Input) -> Result<(), SimFailure> {
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
-            if !self.nodes[&id].alive {
+            if !self.running(id) {
                 return Ok(());
             }
             let now = Now {
@@ -370,6 +413,9 @@ impl World {
                 match action {
                     Action::Heartbeat(heartbeat) => self.deliver(id, &heartbeat),
                     Action::Emit(_) => {}
+                    Action::Lease { until } => {
+                        self.nodes.get_mut(&id).expect("node").lease_until = until;
+                    }
                     Action::Perform { op, what } => {
                         let result = self.perform(id, what)?;
                         inputs.push_back(Input::Done { op, result });
@@ -387,11 +433,17 @@ impl World {
             wall: self.now,
         };
         for to in NODES {
-            if to == from || !self.linked(from, to) {
+            if to == from || !self.nodes[&to].alive || self.cut.contains(&pair(from, to)) {
                 continue;
             }
             let node = self.nodes.get_mut(&to).expect("known node");
-            node.core.step(now, Input::Heartbeat(heartbeat.clone()));
+            if node.paused_until.is_some() {
+                // Waits in the socket buffer until the process runs again.
+                node.inbox.push(heartbeat.clone());
+            } else {
+                let actions = node.core.step(now, Input::Heartbeat(heartbeat.clone()));
+                node.take_lease(&actions);
+            }
         }
     }
 
@@ -488,7 +540,41 @@ impl World {
         if self.rng.chance(15) {
             self.cut.clear();
         }
+        if self.rng.chance(3) {
+            let victim = NODES[usize::try_from(self.rng.below(3)).unwrap_or(0)];
+            if self.running(victim) {
+                // Up to three failure timeouts: long enough to be replaced.
+                let ms = FAILURE_TIMEOUT_MS / 2 + self.rng.below(FAILURE_TIMEOUT_MS * 3);
+                self.pause(victim, ms);
+            }
+        }
         Ok(())
+    }
+
+    fn pause(&mut self, id: NodeId, ms: u64) {
+        self.report.pauses += 1;
+        self.note(format!("pause {id} for {ms} ms"));
+        let until = self.now.plus(ms);
+        self.nodes.get_mut(&id).expect("known node").paused_until = Some(until);
+    }
+
+    /// Paused nodes whose time is up run again: first what waited for them.
+    fn resume_due(&mut self, heal: bool) {
+        let now = Now {
+            mono: self.now,
+            wall: self.now,
+        };
+        for id in NODES {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if node.paused_until.is_some_and(|t| heal || t <= self.now) {
+                node.paused_until = None;
+                for heartbeat in std::mem::take(&mut node.inbox) {
+                    let actions = node.core.step(now, Input::Heartbeat(heartbeat));
+                    node.take_lease(&actions);
+                }
+                self.note(format!("resume {id}"));
+            }
+        }
     }
 
     fn crash(&mut self, id: NodeId) {
@@ -496,6 +582,9 @@ impl World {
         self.note(format!("crash {id}"));
         let node = self.nodes.get_mut(&id).expect("known node");
         node.alive = false;
+        node.lease_until = Millis(0);
+        node.paused_until = None;
+        node.inbox.clear();
         node.resources.clear();
         for replica in node.replicas.values_mut() {
             // What is on disk stays; everything in memory goes.
@@ -526,7 +615,7 @@ impl World {
         let leader = majority.as_ref().and_then(|g| g.iter().next().copied());
         for id in NODES {
             let node = &self.nodes[&id];
-            if !node.alive || !(self.now.0 + node.tick_phase).is_multiple_of(HEARTBEAT_MS) {
+            if !self.running(id) || !(self.now.0 + node.tick_phase).is_multiple_of(HEARTBEAT_MS) {
                 continue;
             }
             let in_majority = majority.as_ref().is_some_and(|g| g.contains(&id));
@@ -755,26 +844,56 @@ impl World {
             if !self.rng.chance(300) {
                 continue;
             }
+            // A suspended primary holds writes but still answers reads (as the
+            // replication engine does); past its quorum lease it serves nothing
+            // (tandemd's gate on the data path).
+            let read = volume == REPLICATED && self.rng.chance(500);
             let claimants: Vec<NodeId> = DATA
                 .into_iter()
                 .filter(|n| {
                     let node = &self.nodes[n];
-                    node.alive
+                    self.running(*n)
+                        && (volume == SHARED || self.now < node.lease_until)
                         && node.replicas[volume].role == ReplicaRole::Primary
-                        && !node.replicas[volume].suspended
+                        && (read || !node.replicas[volume].suspended)
                 })
                 .collect();
-            let Some(&writer) =
+            let Some(&claimant) =
                 claimants.get(usize::try_from(self.rng.below(claimants.len() as u64)).unwrap_or(0))
             else {
                 continue;
             };
             if volume == SHARED {
-                self.write_shared(writer)?;
+                self.write_shared(claimant)?;
+            } else if read {
+                self.read_replicated(claimant)?;
             } else {
-                self.write_replicated(writer, faults)?;
+                self.write_replicated(claimant, faults)?;
             }
         }
+        Ok(())
+    }
+
+    /// A read through a node that serves as primary must see every acknowledged write
+    /// (linearizable reads): a deposed primary serving from its old copy breaks it.
+    fn read_replicated(&mut self, reader: NodeId) -> Result<(), SimFailure> {
+        let block = u32::try_from(self.rng.below(u64::from(BLOCKS))).unwrap_or(0);
+        self.read_block(reader, block)
+    }
+
+    fn read_block(&mut self, reader: NodeId, block: u32) -> Result<(), SimFailure> {
+        let have = self.nodes[&reader].replicas[REPLICATED]
+            .data
+            .get(&block)
+            .copied();
+        if let Some(acked) = self.acked.get(&block).copied()
+            && have.is_none_or(|v| v < acked)
+        {
+            return Err(self.fail(format!(
+                "node {reader} served a stale read of block {block}: {have:?}, but {acked} was acknowledged"
+            )));
+        }
+        self.report.reads += 1;
         Ok(())
     }
 
@@ -922,15 +1041,18 @@ impl World {
     }
 
     fn step_once(&mut self, faults: bool) -> Result<(), SimFailure> {
+        self.step_with(faults, !faults)
+    }
+
+    /// One step; `heal` resumes every paused node.
+    fn step_with(&mut self, faults: bool, heal: bool) -> Result<(), SimFailure> {
         self.step += 1;
         self.now = self.now.plus(STEP_MS);
+        self.resume_due(heal);
         if faults {
             self.inject_faults()?;
         }
-        // Raft replicates the log to every follower the leader reaches.
-        if let Some(group) = self.majority() {
-            self.spread_log(&group);
-        }
+        self.catch_up();
         self.ticks()?;
         self.replicate();
         self.workload(faults)?;
@@ -1002,10 +1124,12 @@ mod tests {
         {
             return vec![seed];
         }
+        // CI: 600 runs (under a minute); TANDEM_LONG=1: 20,000 (about half an hour).
+        let long = std::env::var("TANDEM_LONG").is_ok_and(|v| v == "1");
         let count = std::env::var("TANDEM_SEEDS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(300);
+            .unwrap_or(if long { 20_000 } else { 600 });
         (0..count).collect()
     }
 
@@ -1021,6 +1145,8 @@ mod tests {
                     totals.crashes += r.crashes;
                     totals.partitions += r.partitions;
                     totals.refused_writes += r.refused_writes;
+                    totals.pauses += r.pauses;
+                    totals.reads += r.reads;
                 }
                 Err(e) => panic!("{e}"),
             }
@@ -1028,9 +1154,69 @@ mod tests {
         eprintln!("simulation totals: {totals:?}");
         // The runs must have exercised what they claim to check.
         assert!(
-            totals.failovers > 0 && totals.fencings > 0 && totals.acked_writes > 0,
+            totals.failovers > 0
+                && totals.fencings > 0
+                && totals.acked_writes > 0
+                && totals.pauses > 0
+                && totals.reads > 0,
             "{totals:?}"
         );
+    }
+
+    /// Whether `id` would serve a read of the replicated volume now.
+    fn serves_reads(world: &World, id: NodeId) -> bool {
+        let node = &world.nodes[&id];
+        world.running(id)
+            && world.now < node.lease_until
+            && node.replicas[REPLICATED].role == ReplicaRole::Primary
+    }
+
+    #[test]
+    fn a_primary_paused_past_its_lease_serves_no_stale_read_when_it_resumes() {
+        let mut w = World::new(3);
+        let mut steps = 0;
+        let old = loop {
+            w.step_with(false, false).unwrap();
+            steps += 1;
+            assert!(steps < 1000, "no primary took writes in sync with its peer");
+            // In sync: the other replica can take over.
+            let in_sync = w.log.volumes[REPLICATED].outdated.is_empty()
+                && DATA
+                    .iter()
+                    .all(|n| w.nodes[n].replicas[REPLICATED].connected);
+            if let Some(p) = w.log.volumes[REPLICATED].primary
+                && serves_reads(&w, p)
+                && !w.acked.is_empty()
+                && in_sync
+            {
+                break p;
+            }
+        };
+        w.pause(old, FAILURE_TIMEOUT_MS * 3);
+        let before = w.acked.clone();
+        let resumed_at = w.now.plus(FAILURE_TIMEOUT_MS * 3);
+        while w.now < resumed_at {
+            w.step_with(false, false).unwrap();
+        }
+        let replaced = w.log.volumes[REPLICATED].primary.is_some_and(|p| p != old);
+        assert!(
+            replaced && w.acked != before,
+            "the new primary took no write while {old} was stopped: {:?}\n{}",
+            w.log.volumes[REPLICATED],
+            w.trace.iter().cloned().collect::<Vec<_>>().join("\n")
+        );
+        // Resumed: whenever the old primary would serve a read, it must be a fresh one.
+        let mut served = 0;
+        for _ in 0..100 {
+            w.step_with(false, false).unwrap();
+            if serves_reads(&w, old) {
+                for block in 0..BLOCKS {
+                    w.read_block(old, block).unwrap();
+                }
+                served += 1;
+            }
+        }
+        eprintln!("the old primary served reads in {served} of 100 steps after resuming");
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub trait VolumeDriver: Send + Sync {
     }
     /// Carries out an action; `Err` explains why it could not.
     fn apply(&self, action: VolumeAction) -> BoxFuture<'_, Result<(), String>>;
+    /// Serve application I/O, while primary, only under the node's quorum lease
+    /// (replicas with a data path in tandemd; others have nothing to gate).
+    fn follow_lease(&self, _holder: &crate::replication::lease::LeaseHolder) {}
     /// Operator split-brain resolution: throw away this replica's changes and resync.
     fn discard_my_data(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Err("this volume does not support split-brain resolution".to_owned()) })

@@ -16,6 +16,7 @@ pub mod control;
 pub mod core;
 pub mod decide;
 pub mod latency;
+pub mod lease;
 pub mod metadata_io;
 mod shell;
 pub mod transport;

@@ -173,6 +173,7 @@ pub(super) async fn start(
         size_bytes: sb.data_size_bytes,
         block_bytes: u64::from(store.block_bytes()),
         write_latency: Arc::default(),
+        lease: Arc::default(),
     };
     let mut shell = Shell {
         name: config.name.clone(),

@@ -196,6 +196,9 @@ pub struct Volume {
     pub(super) block_bytes: u64,
     /// Latency of acknowledged application writes.
     pub(super) write_latency: Arc<super::latency::LatencyHistogram>,
+    /// The cluster's quorum lease, once a cluster runs this volume: no application I/O
+    /// without it.
+    pub(super) lease: Arc<std::sync::OnceLock<super::lease::VolumeLease>>,
 }
 
 impl Volume {
@@ -228,7 +231,27 @@ impl Volume {
         TandemError::VolumeGone(self.name.to_string())
     }
 
+    /// Makes application I/O on this volume, while primary, wait for the cluster's
+    /// quorum lease (set once; see [`super::lease`]).
+    pub fn follow_lease(&self, gate: super::lease::VolumeLease) {
+        let _ = self.lease.set(gate);
+    }
+
+    /// The volume's lease gate, if a cluster set one.
+    pub fn lease(&self) -> Option<&super::lease::VolumeLease> {
+        self.lease.get()
+    }
+
     async fn app(&self, op: AppOp) -> Result<Option<AlignedBuf>> {
+        if let Some(gate) = self.lease.get()
+            && let Err(e) = gate.admit().await
+        {
+            return Err(TandemError::VolumeState {
+                volume: self.name.to_string(),
+                operation: "I/O".into(),
+                reason: e.to_string(),
+            });
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(super::shell::Input::Command(Command::App(op, tx)))

@@ -128,6 +128,19 @@ impl DemoCluster {
         Ok(())
     }
 
+    /// Sends `signal` to a node's tandemd (SIGSTOP and SIGCONT model a paused process
+    /// or a frozen VM).
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self
+            .children
+            .get(name)
+            .with_context(|| format!("{name} is not running"))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to {name}"))?;
+        Ok(())
+    }
+
     /// SIGKILLs a node's tandemd (a crash: no demotion, no goodbye).
     pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
         let mut child = self

@@ -167,13 +167,14 @@ impl NbdClient {
         if read_u64(&mut self.stream)? != handle {
             return Err(protocol("reply to another request"));
         }
+        // A simple reply carries a read's data only when it succeeded.
+        if error != 0 {
+            return Err(std::io::Error::other(format!("NBD error {error}")));
+        }
         let mut out = Vec::new();
         if kind == CMD_READ {
             out = vec![0u8; usize::try_from(read_len).map_err(|_| protocol("read too large"))?];
             self.stream.read_exact(&mut out)?;
-        }
-        if error != 0 {
-            return Err(std::io::Error::other(format!("NBD error {error}")));
         }
         Ok(out)
     }

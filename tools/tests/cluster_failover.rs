@@ -156,3 +156,63 @@ fn after_both_data_nodes_restart_the_newest_data_wins() {
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(demo::compare_replicas(&c).unwrap());
 }
+
+/// The primary's node as `status` says it has taken over (promoted, not suspended).
+fn serving_primary(c: &DemoCluster, except: &str) -> Option<String> {
+    let status = c.any_status(Some(except))?;
+    let volume = status.volumes.into_iter().find(|v| v.name == VOLUME)?;
+    let primary = volume.primary?;
+    let serving = volume.replicas.iter().any(|r| {
+        r.node == primary
+            && r.report.as_ref().is_some_and(|rep| {
+                rep.role == tandem::cluster::orchestrator::ReplicaRole::Primary && !rep.suspended
+            })
+    });
+    (serving && primary != except).then_some(primary)
+}
+
+#[test]
+fn a_primary_paused_past_its_lease_serves_no_stale_read_when_it_resumes() {
+    use nix::sys::signal::Signal;
+    use tandem_tools::nbd_client::NbdClient;
+    let c = cluster("pause", 400);
+    let old = c.wait_healthy(Duration::from_secs(60)).unwrap();
+    let io_timeout = Duration::from_secs(30);
+    let mut held = NbdClient::connect(&c.nbd_address(&old).unwrap(), io_timeout).unwrap();
+    let before = vec![b'O'; 4096];
+    held.write(0, &before, true).unwrap();
+    assert_eq!(held.read(0, 4096).unwrap(), before);
+
+    // Stop the primary for three failure timeouts; the others replace it.
+    let failure_timeout = Duration::from_millis(c.config.cluster.failure_timeout_ms);
+    c.signal(&old, Signal::SIGSTOP).unwrap();
+    let stopped = std::time::Instant::now();
+    let new = loop {
+        if let Some(p) = serving_primary(&c, &old) {
+            break p;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "nobody replaced the stopped primary"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut fresh = NbdClient::connect(&c.nbd_address(&new).unwrap(), io_timeout).unwrap();
+    let after = vec![b'N'; 4096];
+    fresh.write(0, &after, true).unwrap();
+    if let Some(left) = (failure_timeout * 3).checked_sub(stopped.elapsed()) {
+        std::thread::sleep(left);
+    }
+
+    // Resumed, the old primary must not answer from its old copy.
+    c.signal(&old, Signal::SIGCONT).unwrap();
+    match held.read(0, 4096) {
+        Ok(data) => assert_eq!(
+            data, after,
+            "the resumed old primary served a stale read (block 0 was rewritten through {new})"
+        ),
+        Err(e) => eprintln!("the held connection's read failed, as it may: {e}"),
+    }
+    // And the new primary still has it.
+    assert_eq!(fresh.read(0, 4096).unwrap(), after);
+}
