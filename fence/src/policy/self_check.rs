@@ -26,8 +26,9 @@ pub enum SelfCheckState {
     Lost,
 }
 
-/// A change worth reporting. Times are on the caller's clock ([`SelfCheckTask`]:
-/// monotonic milliseconds since the task started).
+/// A change worth reporting. Times are on the caller's clock (a [`SelfCheckTask`]
+/// schedules on the monotonic clock and reports wall-clock milliseconds since the Unix
+/// epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum SelfCheckEvent {
@@ -148,13 +149,52 @@ mod task {
     use crate::key::PrKey;
     use crate::transport::PrTransport;
     use std::sync::{Arc, Condvar, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
     /// Milliseconds since `origin` on the monotonic clock: the schedule of a safety
     /// check must not follow the wall clock (an NTP step back would delay the next check
     /// by as much).
     fn now_ms(origin: Instant) -> u64 {
         u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// `event` with its monotonic times (`mono_now` is now) turned into wall-clock
+    /// times, for people and logs.
+    fn on_wall_clock(event: SelfCheckEvent, mono_now: u64) -> SelfCheckEvent {
+        let wall_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let wall = |mono: u64| wall_now.saturating_sub(mono_now.saturating_sub(mono));
+        match event {
+            SelfCheckEvent::Confirmed {
+                time_ms,
+                generation,
+            } => SelfCheckEvent::Confirmed {
+                time_ms: wall(time_ms),
+                generation,
+            },
+            SelfCheckEvent::KeyLost {
+                time_ms,
+                generation,
+                last_seen_ms,
+            } => SelfCheckEvent::KeyLost {
+                time_ms: wall(time_ms),
+                generation,
+                last_seen_ms: last_seen_ms.map(wall),
+            },
+            SelfCheckEvent::KeyBack {
+                time_ms,
+                generation,
+            } => SelfCheckEvent::KeyBack {
+                time_ms: wall(time_ms),
+                generation,
+            },
+            SelfCheckEvent::CheckFailed { time_ms, error } => SelfCheckEvent::CheckFailed {
+                time_ms: wall(time_ms),
+                error,
+            },
+        }
     }
 
     /// A thread running [`SelfCheck`] against one or more paths (the first that answers).
@@ -205,8 +245,9 @@ mod task {
                             }
                         }
                         let result = read_keys(&paths, retries);
-                        let event = check.observe(now_ms(origin), result.as_ref());
-                        if let Some(event) = event {
+                        let now = now_ms(origin);
+                        let event = check.observe(now, result.as_ref());
+                        if let Some(event) = event.map(|e| on_wall_clock(e, now)) {
                             match &event {
                                 SelfCheckEvent::KeyLost { .. } => {
                                     tracing::warn!(?event, "own reservation key is gone")
