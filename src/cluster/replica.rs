@@ -292,6 +292,36 @@ impl ClusterVolume {
     }
 }
 
+/// How long a planned demotion waits for the writes in flight before it fails them.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl ClusterVolume {
+    /// The cluster wants this replica to stop being primary (a planned stop, a
+    /// switchover, a life that ended): gracefully — new requests wait at the lease gate
+    /// while those in flight finish, then it demotes and the held ones fail — and only if
+    /// they do not finish in [`DRAIN_LIMIT`] by failing them (none was acknowledged).
+    /// Stepping down outdates the disk; a busy primary that is the only good copy must
+    /// not do that on a routine restart.
+    async fn demote_draining(&self) -> Result<(), String> {
+        if let Some(lease) = self.volume.lease() {
+            lease.hold(true);
+        }
+        let deadline = std::time::Instant::now() + DRAIN_LIMIT;
+        loop {
+            match self.volume.demote().await {
+                Ok(()) => return Ok(()),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, error = %e, "writes still in flight after {DRAIN_LIMIT:?}; stepping down");
+                    return self.volume.step_down().await.map_err(|e| e.to_string());
+                }
+            }
+        }
+    }
+}
+
 impl VolumeDriver for ClusterVolume {
     fn report(&self) -> ReplicaReport {
         self.report
@@ -328,13 +358,7 @@ impl VolumeDriver for ClusterVolume {
                 // failing the writes still in flight — none of them was acknowledged.
                 VolumeAction::Demote => {
                     self.suspended.store(false, Ordering::Release);
-                    match self.volume.demote().await {
-                        Ok(()) => Ok(()),
-                        Err(e) => {
-                            tracing::warn!(volume = %self.name, error = %e, "graceful demote refused; stepping down");
-                            self.volume.step_down().await.map_err(|e| e.to_string())
-                        }
-                    }
+                    self.demote_draining().await
                 }
                 VolumeAction::SetEpoch { epoch, log } => {
                     self.volume
@@ -369,6 +393,7 @@ impl VolumeDriver for ClusterVolume {
             self.refresh().await;
             if let Some(lease) = self.volume.lease() {
                 lease.set_primary(self.report().role == ReplicaRole::Primary);
+                lease.hold(false);
             }
             result
         })

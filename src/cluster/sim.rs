@@ -141,6 +141,8 @@ pub struct SimReport {
     pub crashes: u64,
     pub partitions: u64,
     pub pauses: u64,
+    /// Orderly stops (SIGTERM).
+    pub stops: u64,
     /// Reads served by a node that claimed to be primary.
     pub reads: u64,
 }
@@ -521,6 +523,12 @@ impl World {
                 self.crash(victim);
             }
         }
+        if self.rng.chance(2) {
+            let victim = NODES[usize::try_from(self.rng.below(3)).unwrap_or(0)];
+            if self.running(victim) {
+                self.stop(victim)?;
+            }
+        }
         if self.rng.chance(20) {
             let dead: Vec<NodeId> = NODES.into_iter().filter(|n| !self.nodes[n].alive).collect();
             if let Some(&id) =
@@ -580,6 +588,22 @@ impl World {
     fn crash(&mut self, id: NodeId) {
         self.report.crashes += 1;
         self.note(format!("crash {id}"));
+        self.exit(id);
+    }
+
+    /// An orderly stop (SIGTERM): the node's core stops its resources, demotes and
+    /// leaves, then the process exits.
+    fn stop(&mut self, id: NodeId) -> Result<(), SimFailure> {
+        self.report.stops += 1;
+        self.note(format!("stop {id}"));
+        let local = self.report_of(id).volumes;
+        self.drive(id, Input::Stop { local })?;
+        self.exit(id);
+        Ok(())
+    }
+
+    /// The process is gone: what is on disk stays, everything in memory goes.
+    fn exit(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
         node.alive = false;
         node.lease_until = Millis(0);
@@ -1146,6 +1170,7 @@ mod tests {
                     totals.partitions += r.partitions;
                     totals.refused_writes += r.refused_writes;
                     totals.pauses += r.pauses;
+                    totals.stops += r.stops;
                     totals.reads += r.reads;
                 }
                 Err(e) => panic!("{e}"),
@@ -1158,6 +1183,7 @@ mod tests {
                 && totals.fencings > 0
                 && totals.acked_writes > 0
                 && totals.pauses > 0
+                && totals.stops > 0
                 && totals.reads > 0,
             "{totals:?}"
         );

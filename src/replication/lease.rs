@@ -42,6 +42,7 @@ impl LeaseHolder {
         VolumeLease {
             lease: self.tx.subscribe(),
             primary: watch::channel(false).0,
+            held: watch::channel(false).0,
         }
     }
 }
@@ -60,6 +61,8 @@ pub enum NotAdmitted {
 pub struct VolumeLease {
     lease: watch::Receiver<Deadline>,
     primary: watch::Sender<bool>,
+    /// New requests wait (a primary draining before it demotes).
+    held: watch::Sender<bool>,
 }
 
 impl VolumeLease {
@@ -68,9 +71,16 @@ impl VolumeLease {
         self.primary.send_replace(primary);
     }
 
+    /// New requests wait at the gate (`true`) while the ones in flight finish, or pass
+    /// again (`false`): a busy primary drains before a planned demotion, and the
+    /// requests held meanwhile fail once it is secondary.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
     /// Whether a request arriving now would be served at once.
     pub fn open(&self) -> bool {
-        !*self.primary.borrow() || valid(*self.lease.borrow())
+        !*self.primary.borrow() || (!*self.held.borrow() && valid(*self.lease.borrow()))
     }
 
     /// Returns once a request may be served: at once on a secondary, with a valid lease
@@ -78,11 +88,16 @@ impl VolumeLease {
     pub async fn admit(&self) -> Result<(), NotAdmitted> {
         let mut lease = self.lease.clone();
         let mut primary = self.primary.subscribe();
+        let mut held = self.held.subscribe();
         if !*primary.borrow_and_update() {
             return Ok(());
         }
         loop {
-            if valid(*lease.borrow_and_update()) {
+            // Demoted while this request waited: its copy may be old, or it drained.
+            if !*primary.borrow_and_update() {
+                return Err(NotAdmitted::NoLongerPrimary);
+            }
+            if valid(*lease.borrow_and_update()) && !*held.borrow_and_update() {
                 return Ok(());
             }
             tokio::select! {
@@ -91,8 +106,9 @@ impl VolumeLease {
                         return Err(NotAdmitted::NodeStopped);
                     }
                 }
+                _ = held.changed() => {}
                 changed = primary.changed() => {
-                    if changed.is_err() || !*primary.borrow_and_update() {
+                    if changed.is_err() {
                         return Err(NotAdmitted::NoLongerPrimary);
                     }
                 }
@@ -126,7 +142,7 @@ mod tests {
             let gate = std::sync::Arc::clone(&gate);
             async move { gate.admit().await }
         });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished(), "a primary served without a lease");
         holder.set(later());
         assert_eq!(waiting.await.unwrap(), Ok(()));
@@ -143,7 +159,7 @@ mod tests {
             let gate = std::sync::Arc::clone(&gate);
             async move { gate.admit().await }
         });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         // Demoted while the request waited: its copy may be old, the request fails.
         gate.set_primary(false);
         assert_eq!(waiting.await.unwrap(), Err(NotAdmitted::NoLongerPrimary));
@@ -152,8 +168,39 @@ mod tests {
             let gate = std::sync::Arc::clone(&gate);
             async move { gate.admit().await }
         });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         drop(holder);
         assert_eq!(waiting.await.unwrap(), Err(NotAdmitted::NodeStopped));
+    }
+
+    #[tokio::test]
+    async fn a_draining_primary_holds_new_requests_until_it_demotes_or_goes_on() {
+        let holder = LeaseHolder::expired();
+        holder.set(later());
+        let gate = std::sync::Arc::new(holder.volume());
+        gate.set_primary(true);
+        gate.hold(true);
+        assert!(!gate.open());
+        let admit = |gate: &std::sync::Arc<VolumeLease>| {
+            let gate = std::sync::Arc::clone(gate);
+            tokio::spawn(async move { gate.admit().await })
+        };
+        let waiting = admit(&gate);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a draining primary took a new request"
+        );
+        // The demotion failed: it goes on as primary.
+        gate.hold(false);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        // It demoted: what waited fails.
+        gate.hold(true);
+        let waiting = admit(&gate);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        gate.set_primary(false);
+        gate.hold(false);
+        assert_eq!(waiting.await.unwrap(), Err(NotAdmitted::NoLongerPrimary));
     }
 }

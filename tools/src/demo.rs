@@ -141,6 +141,26 @@ impl DemoCluster {
         Ok(())
     }
 
+    /// Stops a node's tandemd in order (SIGTERM) and waits for it to exit (SIGKILL after
+    /// `grace`); returns whether it exited by itself.
+    pub fn terminate(&mut self, name: &str, grace: Duration) -> anyhow::Result<bool> {
+        self.signal(name, nix::sys::signal::Signal::SIGTERM)?;
+        let mut child = self
+            .children
+            .remove(name)
+            .with_context(|| format!("{name} is not running"))?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().context("SIGKILL")?;
+        let _ = child.wait();
+        Ok(false)
+    }
+
     /// SIGKILLs a node's tandemd (a crash: no demotion, no goodbye).
     pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
         let mut child = self

@@ -216,3 +216,48 @@ fn a_primary_paused_past_its_lease_serves_no_stale_read_when_it_resumes() {
     // And the new primary still has it.
     assert_eq!(fresh.read(0, 4096).unwrap(), after);
 }
+
+#[test]
+fn a_degraded_primary_restarted_under_load_is_primary_again_and_loses_nothing() {
+    use std::sync::atomic::Ordering;
+    let mut c = cluster("degraded", 500);
+    let primary = c.wait_healthy(Duration::from_secs(60)).unwrap();
+    let peer = ["alpha", "beta"]
+        .into_iter()
+        .find(|n| *n != primary)
+        .unwrap();
+    c.kill(peer).unwrap();
+    let workload = Workload::start(&c, 2048, 7);
+    // The primary goes on alone (its peer recorded Outdated) under a steady load.
+    let started = std::time::Instant::now();
+    while workload.writes.load(Ordering::Relaxed) < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the primary did not go on alone"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A routine restart of the only good copy, writes in flight.
+    assert!(
+        c.terminate(&primary, Duration::from_secs(20)).unwrap(),
+        "tandemd did not stop on SIGTERM"
+    );
+    c.start_node(&primary).unwrap();
+    let restarted = std::time::Instant::now();
+    let before = workload.writes.load(Ordering::Relaxed);
+    while workload.writes.load(Ordering::Relaxed) < before + 50 {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "{primary} was not primary again 15 s after its restart: {:?}",
+            c.status(&primary).ok().map(|s| s.volumes)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "serving again {} ms after the restart",
+        restarted.elapsed().as_millis()
+    );
+    let log = workload.finish();
+    let problems = demo::verify(&c, &log.acked).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
