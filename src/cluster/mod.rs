@@ -6,6 +6,10 @@
 //!   cluster log (replicated ClusterState) ──► orchestrator (pure): fence, promote, outdate
 //!   this node's view of the log ──► volumes (replication), resources, DLM membership
 //! ```
+//!
+//! Every decision of a node — detector, quorum lease, rounds of orchestrator actions,
+//! fencing, rejoin, orderly stop — is in [`node_core::NodeCore`], a sans-IO state
+//! machine; [`node`] runs it for tandemd and `sim` runs the same core in a simulation.
 
 pub mod config;
 pub mod control;

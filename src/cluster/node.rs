@@ -273,7 +273,6 @@ impl Node {
                     (v.name.clone(), replicas)
                 })
                 .collect(),
-            local_volumes: drivers.keys().cloned().collect(),
             shared: config
                 .volumes
                 .iter()

@@ -20,6 +20,14 @@
 //! resources, a reservation preempt) goes out as [`Action::Perform`] and comes back as
 //! [`Input::Done`]. `node.rs` runs it for tandemd; `sim.rs` runs the same core against a
 //! simulated network, log, disks and LU.
+//!
+//! The lease to serve: heartbeats carry their send time, echo the peers' send times and
+//! say which peers' lives the sender's log holds up (endorsement). The detector anchors
+//! this node's lease on its own heartbeat that a majority echoed with endorsement, and
+//! the core announces it ([`Action::Lease`]); the runner lets a primary replica serve
+//! nothing past it. A node that takes a volume over from a fenced life promotes its
+//! replica only once the peers' views (also in heartbeats) show that too few voters
+//! could still endorse that life.
 
 use super::detector::{Detector, Echo};
 use super::orchestrator::{
@@ -48,8 +56,6 @@ pub struct CoreConfig {
     pub members: Vec<NodeId>,
     /// Every configured volume and its replicas (node ids), for the log's Configure.
     pub volumes: BTreeMap<String, Vec<NodeId>>,
-    /// Volumes with a replica here (the drivers this node runs).
-    pub local_volumes: BTreeSet<String>,
     /// Local volumes on shared devices, fenced with reservations.
     pub shared: BTreeSet<String>,
     /// This node registers reservation keys (it has shared devices).
@@ -306,19 +312,9 @@ impl NodeCore {
         self.fence_operations
     }
 
-    /// Volumes whose resources this node believes are running.
-    pub fn resources_running(&self) -> &BTreeSet<String> {
-        &self.resources_running
-    }
-
     /// Whether a round of `kind` is running.
     pub fn round_running(&self, kind: &RoundKind) -> bool {
         self.rounds.contains_key(kind)
-    }
-
-    /// Whether any operation is out.
-    pub fn busy(&self) -> bool {
-        !self.ops.is_empty()
     }
 
     /// Feeds one input at time `now`; returns what to do, in order.

@@ -22,7 +22,6 @@ fn config(shared: bool) -> CoreConfig {
         incarnation: INC,
         members: vec![A, B, W],
         volumes: BTreeMap::from([("vol0".to_owned(), vec![A, B])]),
-        local_volumes: BTreeSet::from(["vol0".to_owned()]),
         shared: if shared {
             BTreeSet::from(["vol0".to_owned()])
         } else {

@@ -193,14 +193,6 @@ fn new_core(
     known: Arc<ClusterState>,
 ) -> NodeCore {
     let data = DATA.contains(&id);
-    let volumes: BTreeSet<String> = if data {
-        [REPLICATED, SHARED]
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
     let config = CoreConfig {
         me: id,
         incarnation,
@@ -209,7 +201,6 @@ fn new_core(
             (REPLICATED.to_owned(), DATA.to_vec()),
             (SHARED.to_owned(), DATA.to_vec()),
         ]),
-        local_volumes: volumes,
         shared: if data {
             BTreeSet::from([SHARED.to_owned()])
         } else {
