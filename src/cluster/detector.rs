@@ -14,6 +14,7 @@
 //!
 //! Pure: time comes in as [`Millis`] from the caller.
 
+use super::peers::Echoed;
 use super::types::{Incarnation, Millis, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -100,8 +101,12 @@ impl Detector {
     ) {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.last_heard = Some(peer.last_heard.map_or(now, |t| t.max(now)));
+            // A new life's clock starts again: its send times replace the old life's.
+            peer.last_sent = match peer.last_sent {
+                Some(t) if peer.incarnation == incarnation => Some(t.max(sent_at)),
+                _ => Some(sent_at),
+            };
             peer.incarnation = incarnation;
-            peer.last_sent = Some(peer.last_sent.map_or(sent_at, |t| t.max(sent_at)));
             if let Some(echo) = echo.filter(|e| e.sent_at <= now) {
                 let at = echo.sent_at;
                 peer.echoed = Some(peer.echoed.map_or(at, |t| t.max(at)));
@@ -136,11 +141,21 @@ impl Detector {
         self.voters
     }
 
-    /// What this node's next heartbeat echoes: each peer's latest `sent_at`.
-    pub fn echoes(&self) -> BTreeMap<NodeId, Millis> {
+    /// What this node's next heartbeat echoes: each peer's life and latest `sent_at`.
+    pub fn echoes(&self) -> BTreeMap<NodeId, Echoed> {
         self.peers
             .iter()
-            .filter_map(|(id, p)| p.last_sent.map(|t| (*id, t)))
+            .filter_map(|(id, p)| {
+                p.last_sent.map(|sent_at| {
+                    (
+                        *id,
+                        Echoed {
+                            life: p.incarnation,
+                            sent_at,
+                        },
+                    )
+                })
+            })
             .collect()
     }
 
@@ -262,10 +277,11 @@ mod tests {
         assert!(d.quorate(Millis(1200)));
         assert_eq!(d.dead(Millis(1200)), BTreeSet::from([B]));
         // What the next heartbeat echoes: each peer's latest send time.
-        assert_eq!(
-            d.echoes(),
-            BTreeMap::from([(B, Millis(95)), (W, Millis(1190))])
-        );
+        let sent = |at| Echoed {
+            life: INC,
+            sent_at: Millis(at),
+        };
+        assert_eq!(d.echoes(), BTreeMap::from([(B, sent(95)), (W, sent(1190))]));
     }
 
     #[test]
@@ -372,7 +388,16 @@ mod tests {
         d.heard(B, Incarnation(2), Millis(6500), Millis(6500), None);
         assert_eq!(d.silence_ms(B, Millis(7100)), Some(100));
         assert_eq!(d.incarnation(B), Some(Incarnation(2)));
-        assert_eq!(d.echoes()[&B], Millis(7000));
+        assert_eq!(d.echoes()[&B].sent_at, Millis(7000));
+        // A new life of B: its clock starts again, and so do the send times echoed.
+        d.heard(B, Incarnation(3), Millis(7200), Millis(40), None);
+        assert_eq!(
+            d.echoes()[&B],
+            Echoed {
+                life: Incarnation(3),
+                sent_at: Millis(40)
+            }
+        );
     }
 
     #[test]

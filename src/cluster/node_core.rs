@@ -330,10 +330,16 @@ impl NodeCore {
             Input::Log(state) => self.state = state,
             Input::Heartbeat(heartbeat) => {
                 let me = self.config.me;
-                let echo = heartbeat.echoes.get(&me).map(|sent_at| Echo {
-                    sent_at: *sent_at,
-                    endorsed: heartbeat.endorsed.contains(&me),
-                });
+                // An echo of an earlier life's heartbeat (on that life's clock) proves
+                // nothing about this one.
+                let echo = heartbeat
+                    .echoes
+                    .get(&me)
+                    .filter(|echoed| echoed.life == self.incarnation)
+                    .map(|echoed| Echo {
+                        sent_at: echoed.sent_at,
+                        endorsed: heartbeat.endorsed.contains(&me),
+                    });
                 self.detector.heard(
                     heartbeat.from,
                     heartbeat.incarnation,
@@ -659,6 +665,9 @@ impl NodeCore {
     }
 
     fn stop(&mut self, local: &BTreeMap<String, ReplicaReport>, out: &mut Vec<Action>) {
+        if self.rounds.contains_key(&RoundKind::Shutdown) {
+            return;
+        }
         out.push(Action::Emit(EventKind::Stopping));
         // No more automatic actions from here on.
         self.stopping = true;
@@ -845,12 +854,16 @@ impl NodeCore {
             tracing::debug!(?op, ?result, "late result of an abandoned operation");
             return;
         };
-        let Some(stage) = self
+        let waited_for = self
+            .rounds
+            .get(&kind)
+            .and_then(|round| round.waiting.as_ref())
+            .is_some_and(|(waiting, _)| *waiting == op);
+        let Some((_, stage)) = self
             .rounds
             .get_mut(&kind)
+            .filter(|_| waited_for)
             .and_then(|round| round.waiting.take())
-            .filter(|(waiting, _)| *waiting == op)
-            .map(|(_, stage)| stage)
         else {
             return;
         };

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::cluster::orchestrator::DiskState;
+use crate::cluster::peers::Echoed;
 use crate::cluster::types::Epoch;
 
 const A: NodeId = NodeId(1);
@@ -100,7 +101,13 @@ fn heartbeat(peer: NodeId, ms: u64, report: NodeReport) -> Heartbeat {
         incarnation: INC,
         report,
         sent_at: Millis(ms),
-        echoes: BTreeMap::from([(A, Millis(ms))]),
+        echoes: BTreeMap::from([(
+            A,
+            Echoed {
+                life: INC,
+                sent_at: Millis(ms),
+            },
+        )]),
         endorsed: BTreeSet::from([A]),
         views: BTreeMap::new(),
     }
@@ -307,11 +314,17 @@ fn a_failed_join_is_retried_quietly() {
     config.incarnation = Incarnation(2);
     let mut core = NodeCore::new(config, at(0), Arc::new(s));
     core.step(at(0), Input::Start);
+    // The peers echo the new life's heartbeat (an echo of the old life's would not count).
     for peer in [B, W] {
-        core.step(
-            at(10),
-            Input::Heartbeat(heartbeat(peer, 10, NodeReport::default())),
+        let mut hb = heartbeat(peer, 10, NodeReport::default());
+        hb.echoes.insert(
+            A,
+            Echoed {
+                life: Incarnation(2),
+                sent_at: Millis(10),
+            },
         );
+        core.step(at(10), Input::Heartbeat(hb));
     }
     let out = core.step(
         at(50),
@@ -564,6 +577,16 @@ fn an_orderly_stop_goes_on_past_failures_and_ends_with_leave() {
         },
     );
     assert_eq!(events(&out), vec![EventKind::Stopping]);
+    // A second SIGTERM while stopping changes nothing.
+    assert!(
+        core.step(
+            at(55),
+            Input::Stop {
+                local: local(ReplicaRole::Primary, Epoch(1)),
+            },
+        )
+        .is_empty()
+    );
     let mut done = Vec::new();
     let mut next = only_op(&out);
     loop {
@@ -691,7 +714,16 @@ fn the_lease_is_announced_when_it_moves_and_heartbeats_carry_echoes() {
     let Some(Action::Heartbeat(sent)) = out.first() else {
         panic!("{out:?}")
     };
-    assert_eq!(sent.echoes, BTreeMap::from([(B, Millis(100))]));
+    assert_eq!(
+        sent.echoes,
+        BTreeMap::from([(
+            B,
+            Echoed {
+                life: INC,
+                sent_at: Millis(100)
+            }
+        )])
+    );
 }
 
 /// B, primary of vol0, lost and fenced; A promoted in its place.

@@ -35,7 +35,7 @@ pub struct Heartbeat {
     /// peer learns which of its own heartbeats got through, on its own clock, and anchors
     /// its quorum lease there (see [`super::detector::Detector`]).
     #[serde(default)]
-    pub echoes: BTreeMap<NodeId, Millis>,
+    pub echoes: BTreeMap<NodeId, Echoed>,
     /// The peers among `echoes` whose current life the sender's log holds up: only these
     /// echoes let a peer serve I/O (a life the cluster ended — its node paused or cut
     /// off while the others failed over — gets echoes for quorum, never a lease).
@@ -46,6 +46,14 @@ pub struct Heartbeat {
     /// enough views prove that life can hold no lease any more.
     #[serde(default)]
     pub views: BTreeMap<NodeId, PeerView>,
+}
+
+/// The latest heartbeat a node heard from a peer: which life of the peer sent it, and
+/// when on that life's clock (each life's monotonic clock starts again at zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Echoed {
+    pub life: Incarnation,
+    pub sent_at: Millis,
 }
 
 /// One node's view of a peer, sent in its heartbeats.
@@ -450,7 +458,13 @@ mod tests {
             incarnation: Incarnation(7),
             report: NodeReport::default(),
             sent_at: Millis(1234),
-            echoes: BTreeMap::from([(NodeId(2), Millis(99))]),
+            echoes: BTreeMap::from([(
+                NodeId(2),
+                Echoed {
+                    life: Incarnation(3),
+                    sent_at: Millis(99),
+                },
+            )]),
             endorsed: [NodeId(2)].into(),
             views: BTreeMap::from([(
                 NodeId(2),

@@ -114,8 +114,12 @@ struct SimNode {
     /// serves, and what is sent to it waits in `inbox`.
     paused_until: Option<Millis>,
     inbox: Vec<Heartbeat>,
-    /// The quorum lease the core last announced: a primary serves no I/O past it.
+    /// The quorum lease the core last announced (on this node's clock): a primary
+    /// serves no I/O past it.
     lease_until: Millis,
+    /// When this process started (world time): its monotonic clock counts from there,
+    /// as tandemd's does, so a new life's clock starts again at zero.
+    started: Millis,
 }
 
 impl SimNode {
@@ -214,7 +218,7 @@ fn new_core(
     NodeCore::new(
         config,
         Now {
-            mono: now,
+            mono: Millis(0),
             wall: now,
         },
         known,
@@ -261,6 +265,7 @@ impl World {
                     paused_until: None,
                     inbox: Vec::new(),
                     lease_until: Millis(0),
+                    started: Millis(0),
                 },
             );
         }
@@ -394,10 +399,7 @@ impl World {
             if !self.running(id) {
                 return Ok(());
             }
-            let now = Now {
-                mono: self.now,
-                wall: self.now,
-            };
+            let now = self.clock(id);
             let node = self.nodes.get_mut(&id).expect("known node");
             let known = Arc::clone(&node.known);
             node.core.step(now, Input::Log(known));
@@ -421,14 +423,11 @@ impl World {
 
     /// A heartbeat reaches every peer linked to its sender.
     fn deliver(&mut self, from: NodeId, heartbeat: &Heartbeat) {
-        let now = Now {
-            mono: self.now,
-            wall: self.now,
-        };
         for to in NODES {
             if to == from || !self.nodes[&to].alive || self.cut.contains(&pair(from, to)) {
                 continue;
             }
+            let now = self.clock(to);
             let node = self.nodes.get_mut(&to).expect("known node");
             if node.paused_until.is_some() {
                 // Waits in the socket buffer until the process runs again.
@@ -559,11 +558,8 @@ impl World {
 
     /// Paused nodes whose time is up run again: first what waited for them.
     fn resume_due(&mut self, heal: bool) {
-        let now = Now {
-            mono: self.now,
-            wall: self.now,
-        };
         for id in NODES {
+            let now = self.clock(id);
             let node = self.nodes.get_mut(&id).expect("known node");
             if node.paused_until.is_some_and(|t| heal || t <= self.now) {
                 node.paused_until = None;
@@ -593,6 +589,19 @@ impl World {
         Ok(())
     }
 
+    /// Node `id`'s clocks now: its monotonic clock counts from its process's start.
+    fn clock(&self, id: NodeId) -> Now {
+        Now {
+            mono: Millis(self.now.since(self.nodes[&id].started)),
+            wall: self.now,
+        }
+    }
+
+    /// Whether node `id`'s quorum lease lets it serve now.
+    fn leased(&self, id: NodeId) -> bool {
+        self.clock(id).mono < self.nodes[&id].lease_until
+    }
+
     /// The process is gone: what is on disk stays, everything in memory goes.
     fn exit(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -617,6 +626,7 @@ impl World {
         let now = self.now;
         let node = self.nodes.get_mut(&id).expect("known node");
         node.alive = true;
+        node.started = now;
         // tandemd stores a new incarnation at every start.
         node.stored_incarnation = Incarnation(node.stored_incarnation.0 + 1);
         node.core = new_core(id, node.stored_incarnation, now, Arc::clone(&node.known));
@@ -868,7 +878,7 @@ impl World {
                 .filter(|n| {
                     let node = &self.nodes[n];
                     self.running(*n)
-                        && (volume == SHARED || self.now < node.lease_until)
+                        && (volume == SHARED || self.leased(*n))
                         && node.replicas[volume].role == ReplicaRole::Primary
                         && (read || !node.replicas[volume].suspended)
                 })
@@ -964,10 +974,7 @@ impl World {
             // Without its peer the primary must first record the peer Outdated.
             let epoch = self.nodes[&writer].replicas[REPLICATED].epoch;
             let counted = self.nodes[&writer].replicas[REPLICATED].peer_uptodate_events;
-            let now = Now {
-                mono: self.now,
-                wall: self.now,
-            };
+            let now = self.clock(writer);
             self.nodes.get_mut(&writer).expect("node").core.step(
                 now,
                 Input::NoteOutdating {
@@ -1184,7 +1191,7 @@ mod tests {
     fn serves_reads(world: &World, id: NodeId) -> bool {
         let node = &world.nodes[&id];
         world.running(id)
-            && world.now < node.lease_until
+            && world.leased(id)
             && node.replicas[REPLICATED].role == ReplicaRole::Primary
     }
 
