@@ -239,25 +239,25 @@ mod tests {
     const W: NodeId = NodeId(3);
     const INC: Incarnation = Incarnation(1);
 
+    /// `peer` (life 1) heard at `now`, sent at `sent`, endorsing the echo of A's
+    /// heartbeat sent at `echo`.
+    fn heard(d: &mut Detector, peer: NodeId, now: u64, sent: u64, echo: u64) {
+        d.heard(
+            peer,
+            INC,
+            Millis(now),
+            Millis(sent),
+            Some(Echo::endorsing(Millis(echo))),
+        );
+    }
+
     #[test]
     fn silence_beyond_the_timeout_is_death_and_the_lease_expires_first() {
         let mut d = Detector::new(A, &[A, B, W], Millis(0), 1000, 600);
         assert!(!d.quorate(Millis(0)), "nobody heard yet");
         // B and W echo A's heartbeat sent at 90.
-        d.heard(
-            B,
-            INC,
-            Millis(100),
-            Millis(95),
-            Some(Echo::endorsing(Millis(90))),
-        );
-        d.heard(
-            W,
-            INC,
-            Millis(100),
-            Millis(97),
-            Some(Echo::endorsing(Millis(90))),
-        );
+        heard(&mut d, B, 100, 95, 90);
+        heard(&mut d, W, 100, 97, 90);
         assert!(d.quorate(Millis(100)));
         assert_eq!(d.lease_until(), Millis(690));
         assert_eq!(d.alive(Millis(500)), BTreeSet::from([A, B, W]));
@@ -267,13 +267,7 @@ mod tests {
         assert!(d.dead(Millis(700)).is_empty());
         assert_eq!(d.dead(Millis(1100)), BTreeSet::from([B, W]));
         // One peer back is enough for a majority of three.
-        d.heard(
-            W,
-            INC,
-            Millis(1200),
-            Millis(1190),
-            Some(Echo::endorsing(Millis(1150))),
-        );
+        heard(&mut d, W, 1200, 1190, 1150);
         assert!(d.quorate(Millis(1200)));
         assert_eq!(d.dead(Millis(1200)), BTreeSet::from([B]));
         // What the next heartbeat echoes: each peer's latest send time.
@@ -287,20 +281,8 @@ mod tests {
     #[test]
     fn after_a_pause_heartbeats_that_waited_in_the_buffer_do_not_renew_the_lease() {
         let mut d = Detector::new(A, &[A, B, W], Millis(0), 1000, 600);
-        d.heard(
-            B,
-            INC,
-            Millis(100),
-            Millis(100),
-            Some(Echo::endorsing(Millis(100))),
-        );
-        d.heard(
-            W,
-            INC,
-            Millis(100),
-            Millis(100),
-            Some(Echo::endorsing(Millis(100))),
-        );
+        heard(&mut d, B, 100, 100, 100);
+        heard(&mut d, W, 100, 100, 100);
         assert!(d.quorate(Millis(100)));
         // A is stopped from 100 to 3000; the peers kept sending, echoing A's last
         // heartbeat (sent at 100). Delivered at 3000, they arrive "now"...
@@ -324,35 +306,17 @@ mod tests {
         assert_eq!(d.alive(Millis(3000)), BTreeSet::from([A, B, W]));
         assert!(!d.quorate(Millis(3000)));
         // An echo claiming a send time in A's future anchors nothing.
-        d.heard(
-            B,
-            INC,
-            Millis(3000),
-            Millis(2950),
-            Some(Echo::endorsing(Millis(9000))),
-        );
+        heard(&mut d, B, 3000, 2950, 9000);
         assert!(!d.quorate(Millis(3000)));
         // A fresh round trip renews it.
-        d.heard(
-            W,
-            INC,
-            Millis(3100),
-            Millis(3060),
-            Some(Echo::endorsing(Millis(3050))),
-        );
+        heard(&mut d, W, 3100, 3060, 3050);
         assert!(d.quorate(Millis(3100)));
     }
 
     #[test]
     fn a_life_the_peers_ended_keeps_quorum_but_gets_no_lease_to_serve() {
         let mut d = Detector::new(A, &[A, B, W], Millis(0), 1000, 600);
-        d.heard(
-            B,
-            INC,
-            Millis(100),
-            Millis(100),
-            Some(Echo::endorsing(Millis(100))),
-        );
+        heard(&mut d, B, 100, 100, 100);
         assert_eq!(
             (d.lease_until(), d.serve_until()),
             (Millis(700), Millis(700))
@@ -409,21 +373,9 @@ mod tests {
     #[test]
     fn four_voters_need_two_peers() {
         let mut d = Detector::new(A, &[A, B, W, NodeId(4)], Millis(0), 1000, 600);
-        d.heard(
-            B,
-            INC,
-            Millis(100),
-            Millis(100),
-            Some(Echo::endorsing(Millis(100))),
-        );
+        heard(&mut d, B, 100, 100, 100);
         assert!(!d.quorate(Millis(100)));
-        d.heard(
-            W,
-            INC,
-            Millis(100),
-            Millis(100),
-            Some(Echo::endorsing(Millis(50))),
-        );
+        heard(&mut d, W, 100, 100, 50);
         assert_eq!(d.lease_until(), Millis(650));
     }
 }

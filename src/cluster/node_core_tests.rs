@@ -93,6 +93,31 @@ fn events(actions: &[Action]) -> Vec<EventKind> {
         .collect()
 }
 
+/// Ticks `core` at `ms` (not the leader) and answers the act round's fresh read with
+/// `replicas`; returns what the round does next.
+fn read_then_act(
+    core: &mut NodeCore,
+    ms: u64,
+    replicas: BTreeMap<String, ReplicaReport>,
+) -> Vec<Action> {
+    let out = core.step(
+        at(ms),
+        Input::Tick {
+            leader: None,
+            local: replicas.clone(),
+        },
+    );
+    let (read, what) = only_op(&out);
+    assert_eq!(what, Op::ReadReplicas);
+    core.step(
+        at(ms + 10),
+        Input::Done {
+            op: read,
+            result: OpResult::Replicas(replicas),
+        },
+    )
+}
+
 /// `peer`'s heartbeat at `ms`, echoing (and endorsing) A's heartbeat of that moment: A
 /// holds the quorum lease from then on.
 fn heartbeat(peer: NodeId, ms: u64, report: NodeReport) -> Heartbeat {
@@ -326,21 +351,7 @@ fn a_failed_join_is_retried_quietly() {
         );
         core.step(at(10), Input::Heartbeat(hb));
     }
-    let out = core.step(
-        at(50),
-        Input::Tick {
-            leader: None,
-            local: local(ReplicaRole::Secondary, Epoch(0)),
-        },
-    );
-    let (read, _) = only_op(&out);
-    let out = core.step(
-        at(60),
-        Input::Done {
-            op: read,
-            result: OpResult::Replicas(local(ReplicaRole::Secondary, Epoch(0))),
-        },
-    );
+    let out = read_then_act(&mut core, 50, local(ReplicaRole::Secondary, Epoch(0)));
     let (join, what) = only_op(&out);
     assert_eq!(
         what,
@@ -377,12 +388,10 @@ fn b_lost() -> ClusterState {
     s
 }
 
-/// A started core with shared devices, ticked into its act round; returns the fence op.
-fn fencing_core(state: ClusterState) -> (NodeCore, OpId, Op) {
-    let epoch = state.volumes["vol0"].epoch;
+/// A core with shared devices whose key is registered, that heard W at 10.
+fn started_with_fencer(state: ClusterState) -> NodeCore {
     let mut core = NodeCore::new(config(true), at(0), Arc::new(state));
-    let out = core.step(at(0), Input::Start);
-    let (unfence, _) = only_op(&out);
+    let (unfence, _) = only_op(&core.step(at(0), Input::Start));
     core.step(
         at(0),
         Input::Done {
@@ -394,21 +403,14 @@ fn fencing_core(state: ClusterState) -> (NodeCore, OpId, Op) {
         at(10),
         Input::Heartbeat(heartbeat(W, 10, NodeReport::default())),
     );
-    let out = core.step(
-        at(50),
-        Input::Tick {
-            leader: None,
-            local: local(ReplicaRole::Secondary, epoch),
-        },
-    );
-    let (read, _) = only_op(&out);
-    let out = core.step(
-        at(60),
-        Input::Done {
-            op: read,
-            result: OpResult::Replicas(local(ReplicaRole::Secondary, epoch)),
-        },
-    );
+    core
+}
+
+/// A started core with shared devices, ticked into its act round; returns the fence op.
+fn fencing_core(state: ClusterState) -> (NodeCore, OpId, Op) {
+    let epoch = state.volumes["vol0"].epoch;
+    let mut core = started_with_fencer(state);
+    let out = read_then_act(&mut core, 50, local(ReplicaRole::Secondary, epoch));
     let (op, what) = only_op(&out);
     (core, op, what)
 }
@@ -515,34 +517,8 @@ fn a_rejoin_stores_a_new_incarnation_then_registers_its_key() {
         node: A,
         incarnation: INC,
     });
-    let mut core = NodeCore::new(config(true), at(0), Arc::new(s));
-    let (unfence, _) = only_op(&core.step(at(0), Input::Start));
-    core.step(
-        at(0),
-        Input::Done {
-            op: unfence,
-            result: OpResult::Done(Ok(())),
-        },
-    );
-    core.step(
-        at(10),
-        Input::Heartbeat(heartbeat(W, 10, NodeReport::default())),
-    );
-    let out = core.step(
-        at(50),
-        Input::Tick {
-            leader: None,
-            local: local(ReplicaRole::Secondary, Epoch(0)),
-        },
-    );
-    let (read, _) = only_op(&out);
-    let out = core.step(
-        at(60),
-        Input::Done {
-            op: read,
-            result: OpResult::Replicas(local(ReplicaRole::Secondary, Epoch(0))),
-        },
-    );
+    let mut core = started_with_fencer(s);
+    let out = read_then_act(&mut core, 50, local(ReplicaRole::Secondary, Epoch(0)));
     let (store, what) = only_op(&out);
     assert_eq!(what, Op::NewIncarnation);
     let out = core.step(
