@@ -228,6 +228,9 @@ fn report_of(
     }
 }
 
+/// How long a planned demotion waits for the writes in flight before it fails them.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ClusterVolume {
     /// The replication engine's handle.
     pub fn volume(&self) -> &Volume {
@@ -290,12 +293,7 @@ impl ClusterVolume {
             }
         }
     }
-}
 
-/// How long a planned demotion waits for the writes in flight before it fails them.
-const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl ClusterVolume {
     /// The cluster wants this replica to stop being primary (a planned stop, a
     /// switchover, a life that ended): gracefully — new requests wait at the lease gate
     /// while those in flight finish, then it demotes and the held ones fail — and only if
