@@ -131,16 +131,6 @@ impl Detector {
         self.peers.get(&peer).and_then(|p| p.endorsed_life)
     }
 
-    /// The lease, as the voters count it.
-    pub fn lease_ms(&self) -> u64 {
-        self.lease_ms
-    }
-
-    /// Voters, this node included.
-    pub fn voters(&self) -> usize {
-        self.voters
-    }
-
     /// What this node's next heartbeat echoes: each peer's life and latest `sent_at`.
     pub fn echoes(&self) -> BTreeMap<NodeId, Echoed> {
         self.peers

@@ -652,21 +652,11 @@ impl Node {
             }),
             Op::StartResources { volume } => {
                 let resources = self.resources_of(&volume);
-                OpResult::Done(
-                    tokio::task::spawn_blocking(move || crate::resources::start_all(&resources))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string())),
-                )
+                OpResult::Done(off_runtime(move || crate::resources::start_all(&resources)).await)
             }
             Op::StopResources { volume } => {
                 let resources = self.resources_of(&volume);
-                OpResult::Done(
-                    tokio::task::spawn_blocking(move || crate::resources::stop_all(&resources))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string())),
-                )
+                OpResult::Done(off_runtime(move || crate::resources::stop_all(&resources)).await)
             }
             Op::FenceReservation {
                 volume,
@@ -678,12 +668,7 @@ impl Node {
             }),
             Op::NewIncarnation => {
                 let dir = self.inner.state_dir.clone();
-                OpResult::Incarnation(
-                    tokio::task::spawn_blocking(move || next_incarnation(&dir))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string())),
-                )
+                OpResult::Incarnation(off_runtime(move || next_incarnation(&dir)).await)
             }
             Op::Unfence { incarnation } => OpResult::Done(match &self.inner.fencer {
                 Some(fencer) => fencer.unfence(incarnation).await,
@@ -904,6 +889,21 @@ impl Inbound for Node {
             }
         }
     }
+}
+
+/// Runs blocking work (mount, ip, fsync) off the async runtime, which must keep the
+/// heartbeats going; its error, or the task's, as text.
+async fn off_runtime<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// How long one step of a cluster round may take before the log says so.

@@ -282,11 +282,6 @@ impl NodeCore {
         }
     }
 
-    /// This node's id.
-    pub fn me(&self) -> NodeId {
-        self.config.me
-    }
-
     /// This life.
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation
@@ -413,14 +408,19 @@ impl NodeCore {
         }));
     }
 
-    /// The peers whose current life (as their heartbeats announce it) this node's log
-    /// holds up: its echoes let them serve.
-    fn endorsed(&self) -> BTreeSet<NodeId> {
+    /// The other configured nodes.
+    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.config
             .members
             .iter()
             .copied()
-            .filter(|peer| *peer != self.config.me)
+            .filter(|node| *node != self.config.me)
+    }
+
+    /// The peers whose current life (as their heartbeats announce it) this node's log
+    /// holds up: its echoes let them serve.
+    fn endorsed(&self) -> BTreeSet<NodeId> {
+        self.peers()
             .filter(|peer| {
                 let member = self.state.members.get(peer);
                 member.is_some_and(|m| {
@@ -433,11 +433,7 @@ impl NodeCore {
     /// What this node's log says of each peer's life, and the newest life it endorsed.
     fn views_of_peers(&self) -> BTreeMap<NodeId, PeerView> {
         let now = self.now.mono;
-        self.config
-            .members
-            .iter()
-            .copied()
-            .filter(|peer| *peer != self.config.me)
+        self.peers()
             .map(|peer| {
                 let member = self.state.members.get(&peer);
                 let view = PeerView {
@@ -469,7 +465,7 @@ impl NodeCore {
             return true;
         }
         let now = self.now.mono;
-        let lease = self.detector.lease_ms();
+        let lease = self.config.quorum_lease_ms;
         let margin = lease / 10;
         let quiet_since = |heard: Millis| heard.plus(lease + margin) <= now;
         let released = self
@@ -501,8 +497,10 @@ impl NodeCore {
                     }
             })
             .count();
-        let needed = self.detector.voters() / 2;
-        let others = self.config.members.len().saturating_sub(1);
+        // The endorsers the old life needs for a majority; of the others, too few remain.
+        let voters = self.config.members.len();
+        let needed = voters / 2;
+        let others = voters.saturating_sub(1);
         released + needed > others
     }
 
